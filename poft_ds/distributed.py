@@ -1,0 +1,238 @@
+"""Roles and process groups: which rank does what, and how the roles talk.
+
+Every rank runs the same entry point. From the job spec and the launcher's global rank each
+process derives its role:
+
+    global ranks [0, T)                 trainer ranks (ZeRO-3 shards the target model)
+    next aligned_models[0].ranks ranks  reference ranks serving aligned model 0
+    next aligned_models[1].ranks ranks  reference ranks serving aligned model 1, ...
+
+ZeRO-3 calls `dist.barrier()` on the *default* process group, so trainers and reference ranks
+cannot share one default world (training deadlocks). Each role therefore gets its own default
+world, opened on a prefix of one TCPStore hosted by global rank 0, and all ranks share a gloo
+"bridge" group for the few floats per sample that cross roles (DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import socket
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from poft_ds.spec import JobSpec, SpecError
+
+
+@dataclass(frozen=True)
+class Role:
+    """What one process does.
+
+    Attributes:
+        name: "trainer" or "ref/<aligned model name>"; also the role world's store prefix.
+        kind: "trainer" or "reference".
+        model_index: Index into `spec.aligned_models` for reference ranks, else None.
+        first_global_rank: Global rank of this role's rank 0.
+        size: Ranks in this role.
+        rank: This process's rank inside the role.
+    """
+
+    name: str
+    kind: str
+    model_index: int | None
+    first_global_rank: int
+    size: int
+    rank: int
+
+    @property
+    def global_ranks(self) -> list[int]:
+        return list(range(self.first_global_rank, self.first_global_rank + self.size))
+
+
+def role_layout(spec: JobSpec) -> list[tuple[str, str, int | None, int, int]]:
+    """All roles of a job as (name, kind, model_index, first_global_rank, size), in rank order."""
+    layout = [("trainer", "trainer", None, 0, spec.trainer_ranks)]
+    start = spec.trainer_ranks
+    if spec.objective.kind == "poft":
+        for k, m in enumerate(spec.aligned_models):
+            layout.append((f"ref/{m.name}", "reference", k, start, m.ranks))
+            start += m.ranks
+    return layout
+
+
+def role_of(spec: JobSpec, global_rank: int) -> Role:
+    """The role of `global_rank` in a job."""
+    for name, kind, k, first, size in role_layout(spec):
+        if first <= global_rank < first + size:
+            return Role(name, kind, k, first, size, global_rank - first)
+    raise SpecError(f"global rank {global_rank} is outside the job's {spec.world_size} ranks (topology)")
+
+
+@dataclass
+class LaunchIdentity:
+    """Who this process is, as the launcher told it."""
+
+    global_rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def discover_identity() -> LaunchIdentity:
+    """Read rank and rendezvous information from the launcher's environment.
+
+    The deepspeed launcher and torchrun set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+    MASTER_PORT.
+    """
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"poft-ds train must be started by a launcher (poft-ds launch, torchrun, deepspeed); "
+            f"environment variables {missing} are not set"
+        )
+    return LaunchIdentity(
+        global_rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        master_addr=os.environ["MASTER_ADDR"],
+        master_port=int(os.environ["MASTER_PORT"]),
+    )
+
+
+@dataclass
+class Worlds:
+    """The process groups of one rank.
+
+    Attributes:
+        role: This rank's role; its world is torch.distributed's default group.
+        identity: The launcher's view of this rank.
+        bridge: Gloo group over all global ranks, for scores and cross-role agreement.
+        timeout: How long any cross-role wait may last.
+        device: The torch device this rank computes on.
+    """
+
+    role: Role
+    identity: LaunchIdentity
+    bridge: dist.ProcessGroup
+    timeout: datetime.timedelta
+    device: torch.device
+
+    def bridge_barrier(self) -> None:
+        """Wait for every rank of the job, or fail after the timeout."""
+        _wait(self.bridge.barrier(), self, "every rank to reach the barrier")
+
+    def bridge_allreduce_min(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise minimum of a CPU tensor over every rank of the job."""
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MIN
+        _wait(self.bridge.allreduce([t], opts), self, "every rank's data validity mask")
+        return t
+
+    def send(self, t: torch.Tensor, dst: int) -> dist.Work:
+        """Start sending a CPU tensor to global rank `dst` over the bridge."""
+        return self.bridge.send([t], dst, 0)
+
+    def recv(self, t: torch.Tensor, src: int, what: str) -> None:
+        """Receive a CPU tensor from global rank `src`, failing after the timeout with `what`."""
+        _wait(self.bridge.recv([t], src, 0), self, f"{what} from global rank {src}")
+
+
+def _wait(work: dist.Work, worlds: Worlds, what: str) -> None:
+    try:
+        work.wait(worlds.timeout)
+    except RuntimeError as e:
+        raise TimeoutError(
+            f"[rank {worlds.identity.global_rank} {worlds.role.name}] gave up waiting for {what} "
+            f"after {worlds.timeout.total_seconds():.0f}s (reference.timeout_s): {e}"
+        ) from e
+
+
+def wait_send(work: dist.Work, worlds: Worlds, what: str) -> None:
+    """Wait for a send started with `Worlds.send` to be received, or fail after the timeout."""
+    _wait(work, worlds, what)
+
+
+def _device_for(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        # Several processes may share a GPU (a trainer and a reference rank on a one-GPU box).
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _skip_deepspeed_shm_allreduce() -> None:
+    """Keep DeepSpeed's CPU shared-memory all-reduce from being built and opened.
+
+    It only serves tensor-parallel inference, which poft-ds does not use; building it JIT-compiles
+    a C++ extension on first use, and its shared-memory segment is named after MASTER_ADDR/PORT,
+    which every role world on a host shares.
+    """
+    # `deepspeed.comm.torch` as an attribute is the torch package (re-exported); take the module.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def init_worlds(spec: JobSpec) -> Worlds:
+    """Create this rank's role world (as the default group) and the bridge group.
+
+    Also rewrites RANK / WORLD_SIZE / LOCAL_RANK in the environment to role-local values, which
+    `deepspeed.zero.Init` requires.
+
+    Raises:
+        SpecError: when the launcher's world size does not match the spec's topology.
+    """
+    ident = discover_identity()
+    if ident.world_size != spec.world_size:
+        raise SpecError(
+            f"topology: the launcher started {ident.world_size} processes but the spec describes "
+            f"{spec.world_size} (topology.nodes x topology.procs_per_node)"
+        )
+    role = role_of(spec, ident.global_rank)
+    timeout = datetime.timedelta(seconds=spec.reference.timeout_s)
+
+    # torchrun's agent already hosts a TCPStore on MASTER_PORT; everyone joins it as a client.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        ident.master_addr,
+        ident.master_port,
+        world_size=None if agent_store else ident.world_size,
+        is_master=ident.global_rank == 0 and not agent_store,
+        timeout=timeout,
+        wait_for_workers=False,
+    )
+    run_prefix = f"poft/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+    device = _device_for(ident.local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    os.environ.update(RANK=str(role.rank), WORLD_SIZE=str(role.size), LOCAL_RANK=str(ident.local_rank))
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"{run_prefix}/role/{role.name}", store),
+        rank=role.rank,
+        world_size=role.size,
+        timeout=timeout,
+    )
+    bridge = dist.ProcessGroupGloo(
+        dist.PrefixStore(f"{run_prefix}/bridge", store), ident.global_rank, ident.world_size, timeout
+    )
+    if device.type == "cpu":
+        _skip_deepspeed_shm_allreduce()
+    # DeepSpeed adopts the role world as its own (it is already torch.distributed's default group).
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+    print(
+        f"[poft-ds] host={socket.gethostname()} global_rank={ident.global_rank}/{ident.world_size} "
+        f"role={role.name} role_rank={role.rank}/{role.size} local_rank={ident.local_rank} device={device}",
+        flush=True,
+    )
+    return Worlds(role=role, identity=ident, bridge=bridge, timeout=timeout, device=device)
+
+
+def shutdown(worlds: Worlds) -> None:
+    """Leave in step with every rank (so the store host outlives its clients) and free the groups."""
+    worlds.bridge_barrier()
+    dist.destroy_process_group()

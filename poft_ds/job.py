@@ -1,0 +1,135 @@
+"""The one entry point every rank runs, and the preparation all roles share.
+
+`run_rank(spec)` opens the role worlds, reads and tokenizes the data with this role's model,
+agrees with every other rank on which samples all models can use, and hands over to the
+trainer loop (`poft_ds.train`) or the reference loop (`poft_ds.reference`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from poft_ds.data import ChatTokenizer, DataError, TokenizedSample, load_rows, tokenize_rows
+from poft_ds.distributed import Worlds, init_worlds, shutdown
+from poft_ds.schedule import Schedule
+from poft_ds.spec import JobSpec, ModelSpec
+
+
+@dataclass
+class PreparedData:
+    """This role's view of the data.
+
+    Attributes:
+        samples: One entry per data row; None where this role's model cannot use the row.
+        schedule: The batch order every rank agrees on.
+        where: "file:line" of every row, for logs and score dumps.
+    """
+
+    samples: list[TokenizedSample | None]
+    schedule: Schedule
+    where: list[str]
+
+
+def load_tokenizer(model: ModelSpec) -> PreTrainedTokenizerBase:
+    """A model's tokenizer, with the spec's chat template applied when it overrides one."""
+    tok = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    if model.chat_template:
+        tok.chat_template = model.chat_template
+    return tok
+
+
+def model_of_role(spec: JobSpec, worlds: Worlds) -> ModelSpec:
+    k = worlds.role.model_index
+    return spec.model if k is None else spec.aligned_models[k]
+
+
+def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    """Tokenize the data for this role's model and agree with all ranks on the usable samples.
+
+    A sample is usable only if every model (target and aligned) keeps at least one response
+    token. Unusable rows are counted by reason, written to `data_report/<role>.json`, and the job
+    refuses to start when their fraction exceeds `data.max_bad_fraction`.
+
+    Raises:
+        DataError: naming the reasons and example rows when too many rows are unusable.
+    """
+    model = model_of_role(spec, worlds)
+    rows = load_rows(spec.data.train_files, spec.data.messages_field)
+    if not rows:
+        raise DataError(f"data.train_files: no rows in {spec.data.train_files}")
+    samples, report = tokenize_rows(rows, ChatTokenizer(tokenizer, model.max_length, model.chat_template))
+
+    ok = torch.tensor([s is not None for s in samples], dtype=torch.uint8)
+    worlds.bridge_allreduce_min(ok)
+    usable = tuple(i for i, v in enumerate(ok.tolist()) if v)
+
+    role = worlds.role
+    bad = len(rows) - len(usable)
+    if role.rank == 0:
+        out = Path(spec.run_dir) / "data_report" / f"{role.name.replace('/', '_')}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(
+            json.dumps(
+                {
+                    "model": model.path,
+                    "rows": len(rows),
+                    "unusable_here": dict(report.counts),
+                    "examples": report.examples,
+                    "usable_by_all_models": len(usable),
+                },
+                indent=2,
+            )
+        )
+    if bad / len(rows) > spec.data.max_bad_fraction:
+        reasons = ", ".join(f"{r}: {n} (e.g. {', '.join(report.examples[r][:3])})" for r, n in report.counts.items())
+        raise DataError(
+            f"{bad} of {len(rows)} rows are unusable, more than data.max_bad_fraction="
+            f"{spec.data.max_bad_fraction}. Under {role.name}'s tokenizer: {reasons or 'none (see other roles)'}"
+        )
+    if bad and role.rank == 0:
+        print(f"[poft-ds] {role.name}: {bad} of {len(rows)} rows unusable, see data_report/", flush=True)
+
+    t = spec.training
+    schedule = Schedule(
+        usable=usable,
+        seed=spec.seed,
+        global_batch=t.global_batch_size,
+        micro_batch=t.micro_batch_size,
+        trainers=spec.trainer_ranks,
+        epochs=t.epochs,
+        max_steps=t.max_steps,
+    )
+    if schedule.steps_per_epoch == 0:
+        raise DataError(
+            f"training.global_batch_size: {t.global_batch_size} is larger than the {len(usable)} usable samples"
+        )
+    return PreparedData(samples, schedule, [f"{r.source}:{r.line}" for r in rows])
+
+
+def save_resolved_spec(spec: JobSpec, folder: Path) -> None:
+    """Write the resolved spec (what actually ran) as YAML."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "job.resolved.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+
+
+def run_rank(spec: JobSpec) -> None:
+    """Run this process's part of a job, whatever its role."""
+    worlds = init_worlds(spec)
+    torch.manual_seed(spec.seed)
+    tokenizer = load_tokenizer(model_of_role(spec, worlds))
+    data = prepare_data(spec, worlds, tokenizer)
+    if worlds.role.kind == "trainer":
+        from poft_ds.train import train
+
+        train(spec, worlds, data, tokenizer)
+    else:
+        from poft_ds.reference import serve_scores
+
+        serve_scores(spec, worlds, data, tokenizer)
+    shutdown(worlds)

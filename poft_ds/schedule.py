@@ -1,0 +1,84 @@
+"""Which sample goes where: the order every rank derives on its own, so no index is ever sent.
+
+Each epoch is a seeded shuffle of the usable samples, cut into global batches of
+`global_batch_size` (one optimizer step). Inside a global batch, position p belongs to
+
+  * trainer `p // (micro_batch_size * grad_accum)`, micro-batch `(p // micro_batch_size) % grad_accum`;
+  * reference rank `p % ranks` of each aligned model's group.
+
+A reference rank sends each trainer the scores of the positions they share, in position order.
+A final, incomplete global batch of an epoch is not trained on; its size is logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The job's batch arithmetic.
+
+    Attributes:
+        usable: Indices (into the data rows) of samples every model can score.
+        seed: Shuffle seed; epoch e uses seed + e.
+        global_batch: Samples per optimizer step.
+        micro_batch: Samples per trainer forward pass.
+        trainers: Trainer ranks.
+        epochs: Passes over the data.
+        max_steps: Optional cap on optimizer steps.
+    """
+
+    usable: tuple[int, ...]
+    seed: int
+    global_batch: int
+    micro_batch: int
+    trainers: int
+    epochs: int
+    max_steps: int | None = None
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch // (self.micro_batch * self.trainers)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.usable) // self.global_batch
+
+    @property
+    def leftover_per_epoch(self) -> int:
+        return len(self.usable) % self.global_batch
+
+    @property
+    def total_steps(self) -> int:
+        total = self.steps_per_epoch * self.epochs
+        return min(total, self.max_steps) if self.max_steps else total
+
+    def global_batch_at(self, step: int) -> list[int]:
+        """Row indices of optimizer step `step` (0-based), in position order."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self.usable), generator=g)[
+            within * self.global_batch : (within + 1) * self.global_batch
+        ]
+        return [self.usable[i] for i in order.tolist()]
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def trainer_positions(self, trainer: int) -> range:
+        """Positions of a global batch that `trainer` consumes, in micro-batch order."""
+        per_trainer = self.micro_batch * self.grad_accum
+        return range(trainer * per_trainer, (trainer + 1) * per_trainer)
+
+
+def reference_positions(global_batch: int, ranks: int, rank: int) -> list[int]:
+    """Positions of a global batch that reference rank `rank` of a `ranks`-rank group scores."""
+    return list(range(rank, global_batch, ranks))
+
+
+def shared_positions(schedule: Schedule, trainer: int, ranks: int, rank: int) -> list[int]:
+    """Positions trainer `trainer` needs from reference rank `rank` (of `ranks`), in order."""
+    return [p for p in schedule.trainer_positions(trainer) if p % ranks == rank]

@@ -1,0 +1,297 @@
+"""The job spec: one typed, validated description of a poft-ds run.
+
+Every number a user sets lives here. The spec is loaded from YAML, `${VAR}` references are
+filled from the environment, relative paths are resolved against the spec file's folder, and
+cross-field rules (batch arithmetic, topology) are checked in one place so that a bad spec
+fails before any rank starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from poft_ds import REPO_ROOT
+
+
+class SpecError(ValueError):
+    """A job spec that cannot be run; the message lists every problem with its field path."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are mistakes (typos, options from another trainer), never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class ModelSpec(_Strict):
+    """A causal language model: where it lives and how a conversation becomes tokens."""
+
+    path: str = Field(description="Local model directory (config, weights, tokenizer).")
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template overriding the tokenizer's own (a string or a .jinja file).",
+    )
+    max_length: int = Field(1024, gt=1, description="Maximum tokens per sample, prompt included.")
+    trust_remote_code: bool = Field(False, description="Allow code shipped with the model to run.")
+
+
+class AlignedModelSpec(ModelSpec):
+    """A frozen aligned (reference) model that scores every sample on its own ranks."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Short name used in metrics and logs.")
+    ranks: int = Field(1, ge=1, description="Reference ranks serving this model (ZeRO-3 shards it over them).")
+    score_batch_size: int = Field(8, ge=1, description="Samples per scoring forward pass on one rank.")
+
+
+class DataSpec(_Strict):
+    """Training data in the chat `messages` format."""
+
+    train_files: list[str] = Field(min_length=1, description="JSONL, JSON or parquet files.")
+    messages_field: str = Field("messages", description="Column holding the list of {role, content} turns.")
+    max_bad_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="Refuse to start when more than this fraction of rows is unusable."
+    )
+
+
+class ObjectiveSpec(_Strict):
+    """What the target model is trained to do."""
+
+    kind: Literal["poft", "sft"] = Field("poft", description="`poft` (needs aligned models) or plain `sft`.")
+    beta: float = Field(1.0, gt=0.0, description="PoFT scale on the score margin (paper: 1).")
+    gamma: float = Field(0.0, description="PoFT offset added to the margin (paper: 0).")
+    aggregation: Literal["mean", "min", "max"] = Field(
+        "mean", description="How the K aligned models' scores combine into s_ref (paper: mean)."
+    )
+
+
+class TrainingSpec(_Strict):
+    """Optimisation: steps, batch arithmetic, learning rate."""
+
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(1e-6, gt=0.0, description="Peak learning rate (paper: 1e-6 for 7B PoFT).")
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
+    micro_batch_size: int = Field(1, ge=1, description="Samples per forward pass on one trainer rank.")
+    global_batch_size: int = Field(8, ge=1, description="Samples per optimizer step over all trainer ranks.")
+    gradient_accumulation_steps: int | None = Field(
+        None, ge=1, description="Derived from the batch sizes; when set it must agree with them."
+    )
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="`auto`: bf16 on GPUs that support it, fp32 otherwise (CPU)."
+    )
+
+
+class TopologySpec(_Strict):
+    """How many processes the job has; roles are derived from it, never set per process."""
+
+    nodes: int = Field(1, ge=1)
+    procs_per_node: int = Field(ge=1, description="Processes on each node (trainer and reference ranks together).")
+
+
+class DeepSpeedSpec(_Strict):
+    """DeepSpeed JSON configs; the spec writes its batch sizes and precision into them."""
+
+    train_config: str = Field("zero3.json", description="Trainer config (a file, or a name in ds_configs/).")
+    reference_config: str = Field("zero3_inference.json", description="Reference-rank inference config.")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Merged into the trainer config.")
+
+
+class ReferenceSpec(_Strict):
+    """How reference ranks feed scores to the trainers."""
+
+    prefetch_steps: int = Field(2, ge=1, description="Optimizer steps reference ranks may score ahead.")
+    timeout_s: float = Field(600.0, gt=0.0, description="Longest wait for a peer before the job fails.")
+
+
+class CheckpointSpec(_Strict):
+    every_steps: int = Field(100, ge=1, description="Write a DeepSpeed checkpoint every N optimizer steps.")
+    save_final_model: bool = Field(True, description="Export a Hugging Face model directory at the end.")
+
+
+class LoggingSpec(_Strict):
+    every_steps: int = Field(1, ge=1)
+    dump_scores: bool = Field(False, description="Write every sample's per-model scores to scores.jsonl.")
+
+
+class LauncherSpec(_Strict):
+    kind: Literal["local"] = "local"
+    master_addr: str = "127.0.0.1"
+    master_port: int = Field(29500, ge=1, le=65535)
+
+
+class JobSpec(_Strict):
+    """A whole poft-ds job."""
+
+    run_dir: str = Field(description="Where metrics, checkpoints and the final model go.")
+    seed: int = 1234
+    model: ModelSpec
+    aligned_models: list[AlignedModelSpec] = Field(default_factory=list)
+    data: DataSpec
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    topology: TopologySpec
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    reference: ReferenceSpec = Field(default_factory=ReferenceSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    launcher: LauncherSpec = Field(default_factory=LauncherSpec)
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.nodes * self.topology.procs_per_node
+
+    @property
+    def reference_ranks(self) -> int:
+        return sum(m.ranks for m in self.aligned_models) if self.objective.kind == "poft" else 0
+
+    @property
+    def trainer_ranks(self) -> int:
+        return self.world_size - self.reference_ranks
+
+    @property
+    def grad_accum_steps(self) -> int:
+        t = self.training
+        return t.global_batch_size // (t.micro_batch_size * max(self.trainer_ranks, 1))
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> JobSpec:
+        problems: list[str] = []
+        names = [m.name for m in self.aligned_models]
+        if len(set(names)) != len(names):
+            problems.append(f"aligned_models: names must be unique, got {names}")
+        if self.objective.kind == "poft" and not self.aligned_models:
+            problems.append("aligned_models: objective.kind 'poft' needs at least one aligned model")
+        if self.trainer_ranks < 1:
+            problems.append(
+                f"topology.procs_per_node: {self.world_size} processes leave no trainer rank after "
+                f"{self.reference_ranks} reference ranks (aligned_models[*].ranks)"
+            )
+        else:
+            t = self.training
+            per_pass = t.micro_batch_size * self.trainer_ranks
+            if t.global_batch_size % per_pass:
+                problems.append(
+                    f"training.global_batch_size: {t.global_batch_size} is not divisible by "
+                    f"micro_batch_size x trainer ranks = {t.micro_batch_size} x {self.trainer_ranks}"
+                )
+            elif t.gradient_accumulation_steps not in (None, t.global_batch_size // per_pass):
+                problems.append(
+                    f"training.gradient_accumulation_steps: {t.gradient_accumulation_steps} disagrees with "
+                    f"global_batch_size / (micro_batch_size x trainer ranks) = {t.global_batch_size // per_pass}"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _interpolate(node: Any, where: str, missing: list[str]) -> Any:
+    """Replace `${VAR}` in every string of a parsed YAML tree with the environment's value."""
+    if isinstance(node, dict):
+        return {k: _interpolate(v, f"{where}.{k}" if where else str(k), missing) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{where}[{i}]", missing) for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def fill(m: re.Match[str]) -> str:
+            if m.group(1) not in os.environ:
+                missing.append(f"{where}: environment variable {m.group(1)} is not set")
+                return m.group(0)
+            return os.environ[m.group(1)]
+
+        return _VAR.sub(fill, node)
+    return node
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}" if e["loc"] else f"  {msg}")
+    return "\n".join(lines)
+
+
+def resolve_path(value: str, base: Path) -> str:
+    """Resolve a relative path against `base` (the spec's folder); absolute paths pass through."""
+    p = Path(os.path.expanduser(value))
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def resolve_ds_config(value: str, base: Path) -> Path:
+    """Find a DeepSpeed config: relative to the spec first, then by name in the repo's ds_configs/."""
+    candidate = Path(resolve_path(value, base))
+    if candidate.is_file():
+        return candidate
+    shipped = REPO_ROOT / "ds_configs" / value
+    if shipped.is_file():
+        return shipped
+    raise SpecError(f"deepspeed: config file {value!r} not found next to the spec nor in {shipped.parent}")
+
+
+def load_spec(path: str | os.PathLike[str]) -> JobSpec:
+    """Load, interpolate, validate and path-resolve a job spec.
+
+    Args:
+        path: The YAML file.
+
+    Returns:
+        The validated spec with absolute paths.
+
+    Raises:
+        SpecError: naming the file and every problem with its field path.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SpecError(f"{path}: cannot read the job spec: {e}") from e
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a job spec is a YAML mapping, got {type(raw).__name__}")
+    missing: list[str] = []
+    raw = _interpolate(raw, "", missing)
+    if missing:
+        raise SpecError(f"{path}: invalid job spec:\n" + "\n".join(f"  {m}" for m in missing))
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(f"{path}: invalid job spec:\n{_format_validation_error(e)}") from None
+
+    base = path.resolve().parent
+    spec.run_dir = resolve_path(spec.run_dir, base)
+    spec.data.train_files = [resolve_path(f, base) for f in spec.data.train_files]
+    problems = []
+    for where, m in [("model", spec.model)] + [(f"aligned_models[{i}]", a) for i, a in enumerate(spec.aligned_models)]:
+        m.path = resolve_path(m.path, base)
+        if not Path(m.path).is_dir():
+            problems.append(f"  {where}.path: model directory {m.path} does not exist")
+        if m.chat_template and m.chat_template.endswith(".jinja"):
+            template_file = Path(resolve_path(m.chat_template, base))
+            if not template_file.is_file():
+                problems.append(f"  {where}.chat_template: template file {template_file} does not exist")
+            else:
+                m.chat_template = template_file.read_text()
+    for i, f in enumerate(spec.data.train_files):
+        if not Path(f).is_file():
+            problems.append(f"  data.train_files[{i}]: {f} does not exist")
+    for field in ("train_config", "reference_config"):
+        try:
+            setattr(spec.deepspeed, field, str(resolve_ds_config(getattr(spec.deepspeed, field), base)))
+        except SpecError as e:
+            problems.append(f"  deepspeed.{field}: {e}")
+    if problems:
+        raise SpecError(f"{path}: invalid job spec:\n" + "\n".join(problems))
+    return spec

@@ -1,0 +1,216 @@
+"""The trainer recipe: ZeRO-3 PoFT (or SFT) training of the target model.
+
+Per optimizer step, each trainer rank:
+  1. receives the aligned models' scores of its samples from the reference ranks (PoFT only);
+  2. for each of its micro-batches: scores the samples under the target (mean response-token
+     log-probability), computes the loss, and lets DeepSpeed accumulate the gradients;
+  3. after the last micro-batch DeepSpeed clips, steps AdamW and the schedule;
+  4. rank 0 logs the step's metrics, averaged over all trainer ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import TextIO
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from transformers import PreTrainedTokenizerBase, get_scheduler
+
+from poft_ds.checkpoint import export_hf_model, save_checkpoint
+from poft_ds.data import collate, pad_token_id
+from poft_ds.distributed import Worlds
+from poft_ds.ds_config import resolve_precision, trainer_config
+from poft_ds.job import PreparedData, save_resolved_spec
+from poft_ds.loss import aggregate_reference_scores, poft_loss
+from poft_ds.models import load_scorer
+from poft_ds.schedule import Schedule, shared_positions
+from poft_ds.spec import JobSpec
+
+
+def build_engine(spec: JobSpec, precision: str, total_steps: int) -> deepspeed.DeepSpeedEngine:
+    """Load the target under ZeRO-3 and wrap it with AdamW and the learning-rate schedule."""
+    ds_config = trainer_config(spec, precision)
+    scorer = load_scorer(spec.model, ds_config, precision)
+    t = spec.training
+    if t.gradient_checkpointing:
+        scorer.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        scorer.lm.config.use_cache = False
+    # No weight decay on biases and norm gains (1-D parameters), as is standard for transformers.
+    params = [p for p in scorer.parameters() if p.requires_grad]
+    decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.learning_rate,
+        betas=t.adam_betas,
+        eps=t.adam_eps,
+    )
+    schedule_name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.lr_schedule]
+
+    def make_schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return get_scheduler(
+            schedule_name, opt, num_warmup_steps=int(t.warmup_ratio * total_steps), num_training_steps=total_steps
+        )
+
+    engine, *_ = deepspeed.initialize(model=scorer, optimizer=optimizer, lr_scheduler=make_schedule, config=ds_config)
+    return engine
+
+
+def receive_reference_scores(spec: JobSpec, worlds: Worlds, schedule: Schedule, step: int) -> torch.Tensor:
+    """This trainer's per-model scores for one step: [samples of this trainer, K], in position order."""
+    trainer = worlds.role.rank
+    positions = list(schedule.trainer_positions(trainer))
+    where = {p: i for i, p in enumerate(positions)}
+    scores = torch.full((len(positions), len(spec.aligned_models)), float("nan"))
+    first = spec.trainer_ranks
+    for k, model in enumerate(spec.aligned_models):
+        for j in range(model.ranks):
+            shared = shared_positions(schedule, trainer, model.ranks, j)
+            if not shared:
+                continue
+            buf = torch.empty(len(shared), dtype=torch.float32)
+            worlds.recv(buf, first + j, f"step {step} scores of aligned model '{model.name}' (reference rank {j})")
+            scores[[where[p] for p in shared], k] = buf
+        first += model.ranks
+    return scores
+
+
+class StepStats:
+    """Sums over one optimizer step's micro-batches, reduced over trainer ranks before logging."""
+
+    FIELDS = ("loss", "micro_batches", "samples", "weight", "s_target", "s_ref", "logp", "tokens", "real_tokens")
+
+    def __init__(self, n_models: int) -> None:
+        self.v = torch.zeros(len(self.FIELDS) + n_models, dtype=torch.float64)
+
+    def add(self, **values: float) -> None:
+        for k, x in values.items():
+            self.v[self.FIELDS.index(k)] += float(x)
+
+    def add_model_scores(self, per_model: torch.Tensor) -> None:
+        self.v[len(self.FIELDS) :] += per_model.sum(dim=0).double()
+
+    def reduced(self, device: torch.device) -> dict[str, float]:
+        v = self.v.to(device)
+        dist.all_reduce(v)
+        return dict(zip(self.FIELDS, v[: len(self.FIELDS)].tolist())) | {"per_model": v[len(self.FIELDS) :].tolist()}
+
+
+def train(spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Train the target model for the whole schedule; checkpoint and export as the spec says."""
+    run_dir = Path(spec.run_dir)
+    rank = worlds.role.rank
+    schedule = data.schedule
+    poft = spec.objective.kind == "poft"
+    precision = resolve_precision(spec, worlds.device)
+    engine = build_engine(spec, precision, schedule.total_steps)
+    pad = pad_token_id(tokenizer)
+    names = [m.name for m in spec.aligned_models] if poft else []
+    if rank == 0:
+        save_resolved_spec(spec, run_dir)
+        print(
+            f"[poft-ds] training {schedule.total_steps} steps: {len(schedule.usable)} samples, "
+            f"global batch {schedule.global_batch} = {schedule.trainers} trainers x {schedule.micro_batch} micro "
+            f"x {schedule.grad_accum} accumulation; {schedule.leftover_per_epoch} samples per epoch left over "
+            f"(incomplete last global batch)",
+            flush=True,
+        )
+    with contextlib.ExitStack() as files:
+        metrics = files.enter_context(open(run_dir / "metrics.jsonl", "a")) if rank == 0 else None
+        dump = None
+        if spec.logging.dump_scores:
+            (run_dir / "scores").mkdir(parents=True, exist_ok=True)
+            dump = files.enter_context(open(run_dir / "scores" / f"trainer{rank}.jsonl", "a"))
+        _train_steps(spec, worlds, data, engine, pad, names, metrics, dump)
+    if spec.checkpoint.save_final_model:
+        export_hf_model(engine, tokenizer, run_dir / "final_model")
+    if rank == 0:
+        print(f"[poft-ds] done: {run_dir}", flush=True)
+
+
+def _train_steps(
+    spec: JobSpec,
+    worlds: Worlds,
+    data: PreparedData,
+    engine: deepspeed.DeepSpeedEngine,
+    pad: int,
+    names: list[str],
+    metrics: TextIO | None,
+    dump: TextIO | None,
+) -> None:
+    """The optimizer steps of the schedule, with logging and periodic checkpoints."""
+    rank = worlds.role.rank
+    schedule = data.schedule
+    poft = spec.objective.kind == "poft"
+
+    mb = schedule.micro_batch
+    for step in range(schedule.total_steps):
+        t_start = time.perf_counter()
+        rows = schedule.global_batch_at(step)
+        positions = list(schedule.trainer_positions(rank))
+        ref = receive_reference_scores(spec, worlds, schedule, step) if poft else None
+        waited = time.perf_counter() - t_start
+        stats = StepStats(len(names))
+        for m in range(schedule.grad_accum):
+            idx = [rows[p] for p in positions[m * mb : (m + 1) * mb]]
+            batch = collate([data.samples[i] for i in idx], pad).to(worlds.device)
+            logp_sum, n_tokens = engine(batch.input_ids, batch.attention_mask, batch.response_mask)
+            s_target = logp_sum / n_tokens
+            if poft:
+                ref_m = ref[m * mb : (m + 1) * mb]
+                s_ref = aggregate_reference_scores(ref_m, spec.objective.aggregation).to(s_target.device)
+                per_sample, weight = poft_loss(s_target, s_ref, spec.objective.beta, spec.objective.gamma)
+                loss = per_sample.mean()
+                stats.add(weight=weight.sum(), s_ref=s_ref.sum())
+                stats.add_model_scores(ref_m)
+            else:
+                # Token-level cross-entropy over the micro-batch's response tokens.
+                loss = -logp_sum.sum() / n_tokens.sum()
+            engine.backward(loss)
+            engine.step()
+            stats.add(
+                loss=loss.detach(),
+                micro_batches=1,
+                samples=len(idx),
+                s_target=s_target.detach().sum(),
+                logp=logp_sum.detach().sum(),
+                tokens=n_tokens.sum(),
+                real_tokens=batch.real_tokens,
+            )
+            if dump is not None:
+                for j, i in enumerate(idx):
+                    rec = {"step": step + 1, "row": i, "where": data.where[i], "s_target": float(s_target[j])}
+                    if poft:
+                        rec["scores"] = dict(zip(names, ref_m[j].tolist()))
+                    dump.write(json.dumps(rec) + "\n")
+        s = stats.reduced(worlds.device)
+        elapsed = time.perf_counter() - t_start
+        if metrics is not None and ((step + 1) % spec.logging.every_steps == 0 or step + 1 == schedule.total_steps):
+            n = s["samples"]
+            rec = {
+                "step": step + 1,
+                "epoch": schedule.epoch_of(step),
+                "loss": s["loss"] / s["micro_batches"],
+                "cross_entropy": -s["logp"] / s["tokens"],
+                "s_target": s["s_target"] / n,
+                "lr": engine.get_lr()[0],
+                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "tokens_per_s": s["real_tokens"] / elapsed,
+                "wait_for_scores_s": waited,
+            }
+            if poft:
+                rec |= {"poft_weight": s["weight"] / n, "s_ref": s["s_ref"] / n}
+                rec |= {f"s_ref/{name}": v / n for name, v in zip(names, s["per_model"])}
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+            print(
+                "[poft-ds] " + " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()),
+                flush=True,
+            )
+        if (step + 1) % spec.checkpoint.every_steps == 0 or step + 1 == schedule.total_steps:
+            save_checkpoint(engine, spec, step + 1)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set up everything poft-ds needs on a fresh Debian/Ubuntu machine, idempotently:
+# OpenMPI (for mpi4py and mpirun launches) and a Python virtual environment in .venv with the
+# exact versions in constraints.txt (CPU torch). Re-running it is fast.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+need=()
+for pkg in openmpi-bin libopenmpi-dev; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "[setup] installing ${need[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import poft_ds, deepspeed, pytest" >/dev/null 2>&1 \
+   || [ constraints.txt -nt .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
+  echo "[setup] installing Python packages (first time: a few minutes)"
+  .venv/bin/pip install -q --upgrade pip
+  # The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
+  .venv/bin/pip install -q "torch==2.13.0"
+  .venv/bin/pip install -q -c constraints.txt -e ".[dev]"
+  touch .venv/.installed
+fi
+echo "[setup] ready: $(.venv/bin/python -c 'import torch, deepspeed, transformers; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}")')"

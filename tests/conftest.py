@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny local assets and a helper that runs a real multi-process job."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from poft_ds.tiny import build_assets
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny target and aligned models plus synthetic chat data, built once per test session."""
+    return build_assets(tmp_path_factory.mktemp("assets"), n_rows=96)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_spec(assets: Path, run_dir: Path, **over: Any) -> dict[str, Any]:
+    """A small PoFT job on the tiny assets; keyword arguments replace top-level sections."""
+    spec: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "seed": 7,
+        "model": {"path": str(assets / "target"), "max_length": 96},
+        "aligned_models": [
+            {"name": "chatml", "path": str(assets / "aligned_chatml"), "max_length": 96},
+            {"name": "zephyr", "path": str(assets / "aligned_zephyr"), "max_length": 96},
+        ],
+        "data": {"train_files": [str(assets / "data" / "train.jsonl")]},
+        "objective": {"kind": "poft"},
+        "training": {"learning_rate": 1e-3, "micro_batch_size": 2, "global_batch_size": 8, "max_steps": 6},
+        "topology": {"procs_per_node": 4},
+        "checkpoint": {"every_steps": 3},
+        "launcher": {"master_port": free_port()},
+    }
+    spec.update(over)
+    return spec
+
+
+def write_spec(spec: dict[str, Any], path: Path) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def launch(spec_path: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run `poft-ds launch` on a spec, as a user would, and return the finished process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run(
+        [sys.executable, "-m", "poft_ds.cli", "launch", str(spec_path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def run_job(spec: dict[str, Any], tmp_path: Path, name: str = "job.yaml") -> Path:
+    """Launch a job, fail the test with its output if it fails, and return its run directory."""
+    proc = launch(write_spec(spec, tmp_path / name))
+    if proc.returncode != 0:
+        pytest.fail(f"job failed (exit {proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return Path(spec["run_dir"])
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,161 @@
+"""End-to-end jobs: real processes, real DeepSpeed ZeRO-3, gloo on CPU. No mocks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from poft_ds.data import ChatTokenizer, load_rows
+from tests.conftest import base_spec, launch, read_metrics, run_job, write_spec
+from tests.test_scoring import plain_scores
+
+pytestmark = pytest.mark.distributed
+
+
+def single_process_scores(model_dir: Path, data_file: Path, rows: list[int], max_length: int) -> dict[int, float]:
+    """Each row's score under a model, computed plainly, one sample at a time."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    chat = ChatTokenizer(tok, max_length)
+    data = load_rows([str(data_file)])
+    out = {}
+    with torch.no_grad():
+        for i in rows:
+            s, _ = chat(data[i].messages)
+            ids = torch.tensor([s.input_ids])
+            out[i] = float(plain_scores(model, ids, torch.ones_like(ids), torch.tensor([s.response_mask]))[0])
+    return out
+
+
+def dumped_scores(run_dir: Path) -> list[dict]:
+    return [
+        json.loads(line) for f in sorted((run_dir / "scores").glob("*.jsonl")) for line in f.read_text().splitlines()
+    ]
+
+
+def test_poft_job_trains_checkpoints_exports_and_sends_exact_scores(assets: Path, tmp_path: Path) -> None:
+    spec = base_spec(assets, tmp_path / "run", logging={"dump_scores": True})
+    run_dir = run_job(spec, tmp_path)
+
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    for m in metrics:
+        for key in (
+            "loss",
+            "cross_entropy",
+            "poft_weight",
+            "s_target",
+            "s_ref",
+            "lr",
+            "tokens_per_s",
+            "wait_for_scores_s",
+            "s_ref/chatml",
+            "s_ref/zephyr",
+        ):
+            assert math.isfinite(m[key]), (key, m)
+        assert 0 < m["poft_weight"] < 1
+    assert metrics[-1]["cross_entropy"] < metrics[0]["cross_entropy"]  # it learns
+
+    assert (run_dir / "job.resolved.yaml").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    for tag in ("step_00000003", "step_00000006"):
+        assert len(list((run_dir / "checkpoints" / tag).glob("*optim_states.pt"))) == 2  # one shard per trainer
+
+    final = run_dir / "final_model"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    start = load_file(assets / "target" / "model.safetensors")
+    trained = load_file(final / "model.safetensors")
+    assert start.keys() == trained.keys()
+    assert any(not torch.equal(start[k], trained[k]) for k in start)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2 plus 3?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
+
+    # The reference ranks' scores equal a plain single-process computation, multi-turn rows included.
+    dumped = dumped_scores(run_dir)
+    assert len(dumped) == 6 * 8
+    rows = sorted({d["row"] for d in dumped})
+    data = load_rows(spec["data"]["train_files"])
+    assert any(sum(m["role"] == "assistant" for m in data[i].messages) > 1 for i in rows)
+    for name, folder in (("chatml", "aligned_chatml"), ("zephyr", "aligned_zephyr")):
+        expected = single_process_scores(assets / folder, Path(spec["data"]["train_files"][0]), rows, 96)
+        for d in dumped:
+            assert d["scores"][name] == pytest.approx(expected[d["row"]], abs=1e-5), (name, d)
+
+
+def test_two_trainers_match_one_trainer_and_sharded_reference_matches(assets: Path, tmp_path: Path) -> None:
+    """Same global batch on 2 ZeRO-3 trainers + a reference model sharded over 2 ranks, and on 1 + 1."""
+    runs = {}
+    for trainers, ref_ranks, micro in ((2, 2, 2), (1, 1, 4)):
+        spec = base_spec(
+            assets,
+            tmp_path / f"run{trainers}",
+            aligned_models=[
+                {
+                    "name": "zephyr",
+                    "path": str(assets / "aligned_zephyr"),
+                    "max_length": 96,
+                    "ranks": ref_ranks,
+                    "score_batch_size": 3,
+                }
+            ],
+            training={"learning_rate": 1e-3, "micro_batch_size": micro, "global_batch_size": 8, "max_steps": 6},
+            topology={"procs_per_node": trainers + ref_ranks},
+            logging={"dump_scores": True},
+            checkpoint={"every_steps": 100, "save_final_model": False},
+        )
+        runs[trainers] = run_job(spec, tmp_path, f"job{trainers}.yaml")
+    two, one = read_metrics(runs[2]), read_metrics(runs[1])
+    assert len(two) == len(one) == 6
+    for a, b in zip(two, one):
+        for key in ("loss", "cross_entropy", "s_target", "s_ref", "poft_weight"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3), (key, a["step"])
+    by_row = {(d["step"], d["row"]): d["scores"]["zephyr"] for d in dumped_scores(runs[1])}
+    sharded = {(d["step"], d["row"]): d["scores"]["zephyr"] for d in dumped_scores(runs[2])}
+    assert sharded.keys() == by_row.keys()
+    for k, v in sharded.items():
+        assert v == pytest.approx(by_row[k], abs=1e-5)
+
+
+def test_sft_job_runs_without_reference_ranks(assets: Path, tmp_path: Path) -> None:
+    spec = base_spec(
+        assets,
+        tmp_path / "sft",
+        aligned_models=[],
+        objective={"kind": "sft"},
+        topology={"procs_per_node": 2},
+        checkpoint={"every_steps": 100, "save_final_model": False},
+    )
+    run_dir = run_job(spec, tmp_path)
+    metrics = read_metrics(run_dir)
+    assert len(metrics) == 6 and "poft_weight" not in metrics[0]
+    # SFT's loss is the token-level cross-entropy of the response tokens.
+    for m in metrics:
+        assert m["loss"] == pytest.approx(m["cross_entropy"], rel=0.05)
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+
+
+def test_topology_that_does_not_fit_fails_before_any_rank_starts(assets: Path, tmp_path: Path) -> None:
+    spec = base_spec(
+        assets,
+        tmp_path / "bad",
+        topology={"procs_per_node": 2},
+        aligned_models=[{"name": "a", "path": str(assets / "aligned_chatml"), "ranks": 2}],
+    )
+    proc = launch(write_spec(spec, tmp_path / "bad.yaml"), timeout=120)
+    assert proc.returncode == 2
+    assert "topology.procs_per_node" in proc.stderr and "no trainer rank" in proc.stderr
+    assert "torch.distributed.run" not in proc.stdout  # nothing was launched
+    assert not (tmp_path / "bad").exists()

@@ -1,0 +1,31 @@
+"""The sample schedule every rank derives on its own must partition each step exactly."""
+
+import pytest
+
+from poft_ds.schedule import Schedule, reference_positions, shared_positions
+
+
+@pytest.mark.parametrize(
+    ("trainers", "micro", "global_batch", "ref_ranks"), [(1, 2, 8, 1), (2, 2, 8, 2), (4, 1, 12, 3)]
+)
+def test_positions_are_partitioned_between_trainers_and_reference_ranks(trainers, micro, global_batch, ref_ranks):
+    s = Schedule(tuple(range(50)), seed=3, global_batch=global_batch, micro_batch=micro, trainers=trainers, epochs=2)
+    by_trainer = [list(s.trainer_positions(t)) for t in range(trainers)]
+    assert sorted(p for ps in by_trainer for p in ps) == list(range(global_batch))
+    by_ref = [reference_positions(global_batch, ref_ranks, j) for j in range(ref_ranks)]
+    assert sorted(p for ps in by_ref for p in ps) == list(range(global_batch))
+    for t in range(trainers):
+        received = sorted(p for j in range(ref_ranks) for p in shared_positions(s, t, ref_ranks, j))
+        assert received == by_trainer[t]
+
+
+def test_epochs_are_seeded_permutations_and_leftovers_are_counted():
+    s = Schedule(tuple(range(10, 60)), seed=5, global_batch=8, micro_batch=2, trainers=2, epochs=2)
+    assert (s.steps_per_epoch, s.leftover_per_epoch, s.total_steps) == (6, 2, 12)
+    epoch0 = [i for step in range(6) for i in s.global_batch_at(step)]
+    epoch1 = [i for step in range(6, 12) for i in s.global_batch_at(step)]
+    assert len(set(epoch0)) == 48 and set(epoch0) <= set(range(10, 60))
+    assert epoch0 != epoch1  # each epoch reshuffles
+    again = Schedule(tuple(range(10, 60)), seed=5, global_batch=8, micro_batch=2, trainers=2, epochs=2)
+    assert [again.global_batch_at(k) for k in range(12)] == [s.global_batch_at(k) for k in range(12)]
+    assert Schedule(s.usable, 5, 8, 2, 2, 2, max_steps=4).total_steps == 4

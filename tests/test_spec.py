@@ -1,0 +1,110 @@
+"""Job specs: what is accepted, and bad specs rejected with the field named."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from poft_ds import REPO_ROOT
+from poft_ds.ds_config import trainer_config
+from poft_ds.spec import SpecError, load_spec
+from tests.conftest import base_spec, free_port, write_spec
+
+
+def _load(spec: dict, tmp_path: Path):
+    return load_spec(write_spec(spec, tmp_path / "job.yaml"))
+
+
+def test_valid_spec_derives_roles_and_accumulation(assets: Path, tmp_path: Path) -> None:
+    spec = _load(base_spec(assets, tmp_path / "r"), tmp_path)
+    assert (spec.world_size, spec.trainer_ranks, spec.reference_ranks, spec.grad_accum_steps) == (4, 2, 2, 2)
+    cfg = trainer_config(spec, "fp32")
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (
+        8,
+        2,
+        2,
+    )
+    assert cfg["bf16"]["enabled"] is False and cfg["gradient_clipping"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda s: s["topology"].update(procs_per_node=2), "topology.procs_per_node"),
+        (lambda s: s["training"].update(global_batch_size=10), "training.global_batch_size"),
+        (lambda s: s["training"].update(gradient_accumulation_steps=3), "training.gradient_accumulation_steps"),
+        (lambda s: s["training"].update(learning_rate="fast"), "training.learning_rate"),
+        (lambda s: s["training"].update(micro_batch=2), "training.micro_batch"),
+        (lambda s: s["objective"].update(kind="dpo"), "objective.kind"),
+        (lambda s: s.update(aligned_models=[]), "aligned_models"),
+        (lambda s: s["model"].update(path="/nonexistent/model"), "model.path"),
+        (lambda s: s["data"].update(train_files=["/nonexistent.jsonl"]), "data.train_files[0]"),
+        (lambda s: s["aligned_models"][1].update(name="chatml"), "aligned_models"),
+        (lambda s: s.pop("topology"), "topology"),
+    ],
+)
+def test_invalid_specs_name_the_field(assets: Path, tmp_path: Path, change, field: str) -> None:
+    spec = base_spec(assets, tmp_path / "r")
+    change(spec)
+    with pytest.raises(SpecError) as err:
+        _load(spec, tmp_path)
+    assert field in str(err.value) and "job.yaml" in str(err.value)
+
+
+def test_deepspeed_file_contradicting_the_spec_is_rejected(assets: Path, tmp_path: Path) -> None:
+    ds = json.loads((REPO_ROOT / "ds_configs" / "zero3.json").read_text()) | {"train_micro_batch_size_per_gpu": 4}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    spec = _load(base_spec(assets, tmp_path / "r", deepspeed={"train_config": "ds.json"}), tmp_path)
+    with pytest.raises(SpecError, match=r"train_micro_batch_size_per_gpu.*training\.micro_batch_size"):
+        trainer_config(spec, "fp32")
+
+
+def test_env_interpolation_and_missing_variables(assets: Path, tmp_path: Path, monkeypatch) -> None:
+    spec = base_spec(assets, tmp_path / "r")
+    spec["model"]["path"] = "${POFT_TEST_MODEL}"
+    monkeypatch.setenv("POFT_TEST_MODEL", str(assets / "target"))
+    assert _load(spec, tmp_path).model.path == str(assets / "target")
+    monkeypatch.delenv("POFT_TEST_MODEL")
+    with pytest.raises(SpecError, match=r"model.path: environment variable POFT_TEST_MODEL is not set"):
+        _load(spec, tmp_path)
+
+
+def test_examples_validate(assets: Path, tmp_path: Path) -> None:
+    specs = sorted((REPO_ROOT / "examples").rglob("*.yaml"))
+    assert specs
+    for path in specs:
+        # Examples point at ./assets, which build_assets.py creates; the session's tiny assets stand in.
+        folder = tmp_path / path.parent.name
+        folder.mkdir(exist_ok=True)
+        (folder / "assets").symlink_to(assets)
+        spec = load_spec(shutil.copy(path, folder / path.name))
+        assert spec.trainer_ranks >= 1
+
+
+def test_launcher_world_that_differs_from_the_spec_is_refused_by_every_rank(assets: Path, tmp_path: Path) -> None:
+    path = write_spec(base_spec(assets, tmp_path / "r"), tmp_path / "job.yaml")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node=3",
+            f"--master-port={free_port()}",
+            "-m",
+            "poft_ds.cli",
+            "train",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert proc.returncode != 0
+    assert "launcher started 3 processes but the spec describes 4" in proc.stdout + proc.stderr
