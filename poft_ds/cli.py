@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 
 import yaml
@@ -20,25 +19,9 @@ import yaml
 from poft_ds.spec import JobSpec, SpecError, load_spec
 
 
-def launch_command(spec: JobSpec, spec_path: str) -> list[str]:
-    """The command that starts every rank of a job on this machine."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={spec.topology.procs_per_node}",
-        f"--master-addr={spec.launcher.master_addr}",
-        f"--master-port={spec.launcher.master_port}",
-        "-m",
-        "poft_ds.cli",
-        "train",
-        os.path.abspath(spec_path),
-    ]
-
-
 def _cmd_validate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
-    print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), end="")
+    print(yaml.safe_dump(spec.public_dump(), sort_keys=False), end="")
     roles = f"{spec.trainer_ranks} trainer ranks" + "".join(
         f", {m.ranks} for {m.name}" for m in (spec.aligned_models if spec.objective.kind == "poft" else [])
     )
@@ -52,27 +35,24 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
+    from poft_ds.launchers import plan_launch, run_launch
+
     spec = load_spec(args.spec)
-    if spec.topology.nodes != 1:
-        raise SpecError("topology.nodes: launcher 'local' runs on one machine; set nodes: 1")
-    cmd = launch_command(spec, args.spec)
-    print("+ " + shlex.join(cmd), flush=True)
+    plan = plan_launch(spec, args.spec)
+    for path, text in plan.files.items():
+        print(f"# {path}\n{text}", end="" if text.endswith("\n") else "\n")
+    print("+ " + shlex.join(plan.command), flush=True)
     if args.dry_run:
         return 0
-    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "") or _accelerator())
-    return subprocess.call(cmd, env=env)
-
-
-def _accelerator() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return run_launch(spec, plan)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from poft_ds.job import run_rank
 
-    run_rank(load_spec(args.spec))
+    spec = load_spec(args.spec)
+    os.environ.update(spec.env)
+    run_rank(spec)
     return 0
 
 

@@ -19,6 +19,7 @@ import datetime
 import importlib
 import os
 import socket
+import subprocess
 from dataclasses import dataclass
 
 import deepspeed
@@ -83,24 +84,51 @@ class LaunchIdentity:
     master_port: int
 
 
-def discover_identity() -> LaunchIdentity:
-    """Read rank and rendezvous information from the launcher's environment.
+def _first_slurm_host() -> str:
+    nodelist = os.environ["SLURM_JOB_NODELIST"]
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
 
-    The deepspeed launcher and torchrun set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
-    MASTER_PORT.
+
+def discover_identity(default_port: int = 29500) -> LaunchIdentity:
+    """Find this process's global rank and the rendezvous address, whichever launcher started it.
+
+    * deepspeed launcher, torchrun, `poft-ds launch`: RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+      MASTER_PORT.
+    * mpirun (OpenMPI, MPICH, Intel MPI): rank and size from mpi4py; the local rank from the ranks
+      sharing this node; rank 0 broadcasts its host name as the master address.
+    * srun: SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; the master is the job's first node.
+
+    Args:
+        default_port: The rendezvous port when the environment names none (`launcher.master_port`).
     """
-    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
-    if missing:
-        raise RuntimeError(
-            f"poft-ds train must be started by a launcher (poft-ds launch, torchrun, deepspeed); "
-            f"environment variables {missing} are not set"
+    env = os.environ
+    port = int(env.get("MASTER_PORT", default_port))
+    if "RANK" in env and "WORLD_SIZE" in env:
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in env]
+        if missing:
+            raise RuntimeError(f"RANK and WORLD_SIZE are set but {missing} are not; start ranks with poft-ds launch")
+        return LaunchIdentity(
+            int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")), env["MASTER_ADDR"], port
         )
-    return LaunchIdentity(
-        global_rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        master_addr=os.environ["MASTER_ADDR"],
-        master_port=int(os.environ["MASTER_PORT"]),
+    if any(v in env for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        master = comm.bcast(env.get("MASTER_ADDR") or socket.gethostname(), root=0)
+        return LaunchIdentity(comm.Get_rank(), comm.Get_size(), local.Get_rank(), master, port)
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        return LaunchIdentity(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", "0")),
+            env.get("MASTER_ADDR") or _first_slurm_host(),
+            port,
+        )
+    raise RuntimeError(
+        "poft-ds train must be started by a launcher (poft-ds launch, torchrun, deepspeed, srun or mpirun); "
+        "no rank information found in the environment"
     )
 
 
@@ -184,7 +212,7 @@ def init_worlds(spec: JobSpec) -> Worlds:
     Raises:
         SpecError: when the launcher's world size does not match the spec's topology.
     """
-    ident = discover_identity()
+    ident = discover_identity(spec.launcher.master_port)
     if ident.world_size != spec.world_size:
         raise SpecError(
             f"topology: the launcher started {ident.world_size} processes but the spec describes "
@@ -209,7 +237,13 @@ def init_worlds(spec: JobSpec) -> Worlds:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    os.environ.update(RANK=str(role.rank), WORLD_SIZE=str(role.size), LOCAL_RANK=str(ident.local_rank))
+    os.environ.update(
+        RANK=str(role.rank),
+        WORLD_SIZE=str(role.size),
+        LOCAL_RANK=str(ident.local_rank),
+        MASTER_ADDR=ident.master_addr,
+        MASTER_PORT=str(ident.master_port),
+    )
     dist.init_process_group(
         backend,
         store=dist.PrefixStore(f"{run_prefix}/role/{role.name}", store),

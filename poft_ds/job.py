@@ -115,7 +115,7 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
 def save_resolved_spec(spec: JobSpec, folder: Path) -> None:
     """Write the resolved spec (what actually ran) as YAML."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "job.resolved.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    (folder / "job.resolved.yaml").write_text(yaml.safe_dump(spec.public_dump(), sort_keys=False))
 
 
 def run_rank(spec: JobSpec) -> None:

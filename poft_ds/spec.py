@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from poft_ds import REPO_ROOT
 
@@ -46,6 +46,7 @@ class AlignedModelSpec(ModelSpec):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Short name used in metrics and logs.")
     ranks: int = Field(1, ge=1, description="Reference ranks serving this model (ZeRO-3 shards it over them).")
     score_batch_size: int = Field(8, ge=1, description="Samples per scoring forward pass on one rank.")
+    allow_cross_node: bool = Field(False, description="Let this model's rank group span nodes.")
 
 
 class DataSpec(_Strict):
@@ -124,10 +125,50 @@ class LoggingSpec(_Strict):
     dump_scores: bool = Field(False, description="Write every sample's per-model scores to scores.jsonl.")
 
 
+class DeepSpeedLauncherSpec(_Strict):
+    """Options of the `deepspeed` launcher (multi-node through pdsh, OpenMPI, ...)."""
+
+    hosts: list[str] = Field(
+        default_factory=list, description="Node host names, in rank order; rendered into a hostfile."
+    )
+    hostfile: str | None = Field(None, description="An existing DeepSpeed hostfile ('host slots=N' lines).")
+    backend: Literal["pdsh", "openmpi", "mpich", "mvapich", "impi", "slurm"] = Field(
+        "pdsh", description="How the deepspeed launcher reaches the other nodes."
+    )
+    ssh_port: int | None = Field(None, ge=1, le=65535)
+    launcher_args: str = Field("", description="Passed to the backend (deepspeed --launcher_args).")
+
+
+class SlurmLauncherSpec(_Strict):
+    """Options of the `slurm` launcher: the sbatch script rendered from launch/slurm.sbatch.j2."""
+
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = Field(None, pattern=r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$", description="Wall time, e.g. 2-00:00:00.")
+    gres: str | None = Field(None, description="Generic resources per node, e.g. gpu:8.")
+    overcommit: bool = Field(False, description="Allow more tasks than CPUs (small test nodes).")
+    extra_sbatch: list[str] = Field(default_factory=list, description="Further #SBATCH lines, e.g. --qos=high.")
+    srun_args: list[str] = Field(default_factory=list)
+    job_name: str | None = Field(None, description="Defaults to the run directory's name.")
+
+
+class MpiLauncherSpec(_Strict):
+    """Options of the `mpi` launcher (mpirun; ranks discover themselves through mpi4py)."""
+
+    mpirun: str = "mpirun"
+    hostfile: str | None = None
+    args: list[str] = Field(default_factory=list, description="Extra mpirun arguments, e.g. --oversubscribe.")
+
+
 class LauncherSpec(_Strict):
-    kind: Literal["local"] = "local"
-    master_addr: str = "127.0.0.1"
+    """How `poft-ds launch` starts the ranks."""
+
+    kind: Literal["local", "deepspeed", "slurm", "mpi"] = "local"
+    master_addr: str | None = Field(None, description="Rendezvous host; default: this host or the first node.")
     master_port: int = Field(29500, ge=1, le=65535)
+    deepspeed: DeepSpeedLauncherSpec = Field(default_factory=DeepSpeedLauncherSpec)
+    slurm: SlurmLauncherSpec = Field(default_factory=SlurmLauncherSpec)
+    mpi: MpiLauncherSpec = Field(default_factory=MpiLauncherSpec)
 
 
 class JobSpec(_Strict):
@@ -146,6 +187,24 @@ class JobSpec(_Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     launcher: LauncherSpec = Field(default_factory=LauncherSpec)
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables for every rank.")
+
+    # Fields whose YAML held ${VAR}: written back in that form, so secrets never reach disk or logs.
+    _templated: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def public_dump(self) -> dict[str, Any]:
+        """The resolved spec as plain data, with every `${VAR}` value shown as its reference."""
+        data = self.model_dump(mode="json")
+        for dotted, raw in self._templated.items():
+            node: Any = data
+            *parents, leaf = _split_path(dotted)
+            try:
+                for p in parents:
+                    node = node[p]
+                node[leaf] = raw
+            except (KeyError, IndexError, TypeError):
+                continue
+        return data
 
     @property
     def world_size(self) -> int:
@@ -190,6 +249,29 @@ class JobSpec(_Strict):
                     f"training.gradient_accumulation_steps: {t.gradient_accumulation_steps} disagrees with "
                     f"global_batch_size / (micro_batch_size x trainer ranks) = {t.global_batch_size // per_pass}"
                 )
+        per_node = self.topology.procs_per_node
+        if self.objective.kind == "poft":
+            first = self.trainer_ranks
+            for i, m in enumerate(self.aligned_models):
+                last = first + m.ranks - 1
+                if first // per_node != last // per_node and not m.allow_cross_node:
+                    problems.append(
+                        f"aligned_models[{i}].ranks: {m.name}'s ranks {first}..{last} straddle nodes "
+                        f"{first // per_node} and {last // per_node} (procs_per_node={per_node}); "
+                        f"reorder models, change ranks, or set allow_cross_node: true"
+                    )
+                first = last + 1
+        lau = self.launcher
+        if lau.kind == "deepspeed" and lau.deepspeed.hosts and len(lau.deepspeed.hosts) != self.topology.nodes:
+            problems.append(
+                f"launcher.deepspeed.hosts: {len(lau.deepspeed.hosts)} hosts for topology.nodes={self.topology.nodes}"
+            )
+        if lau.kind == "deepspeed" and self.topology.nodes > 1 and not (lau.deepspeed.hosts or lau.deepspeed.hostfile):
+            problems.append("launcher.deepspeed.hosts: a multi-node deepspeed launch needs hosts or a hostfile")
+        if lau.kind == "local" and self.topology.nodes != 1:
+            problems.append(
+                "launcher.kind: 'local' runs on one machine; use deepspeed, slurm or mpi for topology.nodes > 1"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -198,13 +280,25 @@ class JobSpec(_Strict):
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _interpolate(node: Any, where: str, missing: list[str]) -> Any:
+def _split_path(dotted: str) -> list[str | int]:
+    """'a.b[2].c' -> ['a', 'b', 2, 'c']."""
+    out: list[str | int] = []
+    for part in dotted.split("."):
+        name, *indices = part.split("[")
+        out.append(name)
+        out.extend(int(i.rstrip("]")) for i in indices)
+    return out
+
+
+def _interpolate(node: Any, where: str, missing: list[str], templated: dict[str, str]) -> Any:
     """Replace `${VAR}` in every string of a parsed YAML tree with the environment's value."""
     if isinstance(node, dict):
-        return {k: _interpolate(v, f"{where}.{k}" if where else str(k), missing) for k, v in node.items()}
+        return {k: _interpolate(v, f"{where}.{k}" if where else str(k), missing, templated) for k, v in node.items()}
     if isinstance(node, list):
-        return [_interpolate(v, f"{where}[{i}]", missing) for i, v in enumerate(node)]
+        return [_interpolate(v, f"{where}[{i}]", missing, templated) for i, v in enumerate(node)]
     if isinstance(node, str):
+        if _VAR.search(node):
+            templated[where] = node
 
         def fill(m: re.Match[str]) -> str:
             if m.group(1) not in os.environ:
@@ -262,13 +356,15 @@ def load_spec(path: str | os.PathLike[str]) -> JobSpec:
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a job spec is a YAML mapping, got {type(raw).__name__}")
     missing: list[str] = []
-    raw = _interpolate(raw, "", missing)
+    templated: dict[str, str] = {}
+    raw = _interpolate(raw, "", missing, templated)
     if missing:
         raise SpecError(f"{path}: invalid job spec:\n" + "\n".join(f"  {m}" for m in missing))
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as e:
         raise SpecError(f"{path}: invalid job spec:\n{_format_validation_error(e)}") from None
+    spec._templated = templated
 
     base = path.resolve().parent
     spec.run_dir = resolve_path(spec.run_dir, base)
@@ -277,7 +373,9 @@ def load_spec(path: str | os.PathLike[str]) -> JobSpec:
     for where, m in [("model", spec.model)] + [(f"aligned_models[{i}]", a) for i, a in enumerate(spec.aligned_models)]:
         m.path = resolve_path(m.path, base)
         if not Path(m.path).is_dir():
-            problems.append(f"  {where}.path: model directory {m.path} does not exist")
+            problems.append(f"  {where}.path: model directory {m.path} does not exist (poft-ds loads models locally)")
+        elif not (Path(m.path) / "config.json").is_file():
+            problems.append(f"  {where}.path: {m.path} has no config.json; is it a Hugging Face model directory?")
         if m.chat_template and m.chat_template.endswith(".jinja"):
             template_file = Path(resolve_path(m.chat_template, base))
             if not template_file.is_file():
@@ -287,6 +385,11 @@ def load_spec(path: str | os.PathLike[str]) -> JobSpec:
     for i, f in enumerate(spec.data.train_files):
         if not Path(f).is_file():
             problems.append(f"  data.train_files[{i}]: {f} does not exist")
+    for where, holder in (("launcher.deepspeed", spec.launcher.deepspeed), ("launcher.mpi", spec.launcher.mpi)):
+        if holder.hostfile:
+            holder.hostfile = resolve_path(holder.hostfile, base)
+            if not Path(holder.hostfile).is_file():
+                problems.append(f"  {where}.hostfile: {holder.hostfile} does not exist")
     for field in ("train_config", "reference_config"):
         try:
             setattr(spec.deepspeed, field, str(resolve_ds_config(getattr(spec.deepspeed, field), base)))

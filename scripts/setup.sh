@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything poft-ds needs on a fresh Debian/Ubuntu machine, idempotently:
-# OpenMPI (for mpi4py and mpirun launches) and a Python virtual environment in .venv with the
+# OpenMPI (mpi4py, mpirun launches), Slurm and munge (the launcher tests start a one-node cluster) and a Python virtual environment in .venv with the
 # exact versions in constraints.txt (CPU torch). Re-running it is fast.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 need=()
-for pkg in openmpi-bin libopenmpi-dev; do
+for pkg in openmpi-bin libopenmpi-dev slurm-wlm munge; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -1,0 +1,177 @@
+"""Turning a job spec into a launch: local (torchrun), deepspeed, Slurm (sbatch) or MPI (mpirun).
+
+Every launcher starts the same entry point (`python -m poft_ds.cli train job.yaml`) on every
+rank; the ranks find their identity in what the launcher sets (`poft_ds.distributed`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+
+from poft_ds import REPO_ROOT
+from poft_ds.spec import JobSpec, SpecError
+
+SBATCH_TEMPLATE = REPO_ROOT / "launch" / "slurm.sbatch.j2"
+
+
+@dataclass
+class Launch:
+    """What `poft-ds launch` runs: a command, plus files it writes first."""
+
+    command: list[str]
+    files: dict[Path, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _entry(spec_path: Path) -> list[str]:
+    return ["-m", "poft_ds.cli", "train", str(spec_path)]
+
+
+def _launch_dir(spec: JobSpec) -> Path:
+    return Path(spec.run_dir) / "launch"
+
+
+def render_hostfile(spec: JobSpec) -> str:
+    """A DeepSpeed hostfile: one line per node with its process slots."""
+    return "".join(f"{h} slots={spec.topology.procs_per_node}\n" for h in spec.launcher.deepspeed.hosts)
+
+
+def render_sbatch(spec: JobSpec, spec_path: Path) -> str:
+    """The sbatch script for a job, from launch/slurm.sbatch.j2."""
+    s = spec.launcher.slurm
+    template = jinja2.Template(
+        SBATCH_TEMPLATE.read_text(), keep_trailing_newline=True, undefined=jinja2.StrictUndefined
+    )
+    return template.render(
+        job_name=s.job_name or Path(spec.run_dir).name,
+        nodes=spec.topology.nodes,
+        procs_per_node=spec.topology.procs_per_node,
+        log_dir=str(Path(spec.run_dir) / "slurm"),
+        partition=s.partition,
+        account=s.account,
+        time=s.time,
+        gres=s.gres,
+        overcommit=s.overcommit,
+        extra_sbatch=s.extra_sbatch,
+        srun_args=s.srun_args,
+        master_port=spec.launcher.master_port,
+        python=sys.executable,
+        spec_path=str(spec_path),
+    )
+
+
+def plan_launch(spec: JobSpec, spec_path: str | os.PathLike[str]) -> Launch:
+    """The command (and files) that start every rank of a job.
+
+    Args:
+        spec: The validated job spec.
+        spec_path: Its YAML file; every rank re-reads it.
+    """
+    spec_path = Path(spec_path).resolve()
+    lau = spec.launcher
+    topo = spec.topology
+    if lau.kind == "local":
+        return Launch(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nproc-per-node={topo.procs_per_node}",
+                f"--master-addr={lau.master_addr or '127.0.0.1'}",
+                f"--master-port={lau.master_port}",
+                *_entry(spec_path),
+            ]
+        )
+    if lau.kind == "deepspeed":
+        d = lau.deepspeed
+        files = {}
+        if topo.nodes == 1 and not (d.hosts or d.hostfile):
+            # One node: the launcher starts the processes itself, with no hostfile and no ssh.
+            where = [
+                "--num_nodes=1",
+                f"--num_gpus={topo.procs_per_node}",
+                f"--master_addr={lau.master_addr or '127.0.0.1'}",
+            ]
+        else:
+            hostfile = Path(d.hostfile) if d.hostfile else _launch_dir(spec) / "hostfile"
+            if not d.hostfile:
+                files[hostfile] = render_hostfile(spec)
+            first_host = d.hosts[0] if d.hosts else _first_host_in(hostfile)
+            where = [
+                f"--hostfile={hostfile}",
+                f"--master_addr={lau.master_addr or first_host}",
+                f"--launcher={d.backend}",
+            ]
+            if d.ssh_port:
+                where.append(f"--ssh_port={d.ssh_port}")
+            if d.launcher_args:
+                where.append(f"--launcher_args={d.launcher_args}")
+        cmd = ["deepspeed", *where, f"--master_port={lau.master_port}", "--no_local_rank", "--module"]
+        return Launch([*cmd, *_entry(spec_path)[1:]], files)
+    if lau.kind == "slurm":
+        script = _launch_dir(spec) / "job.sbatch"
+        return Launch(["sbatch", "--parsable", str(script)], {script: render_sbatch(spec, spec_path)})
+    if lau.kind == "mpi":
+        m = lau.mpi
+        cmd = [m.mpirun, "-np", str(spec.world_size)]
+        if m.hostfile:
+            cmd += ["--hostfile", m.hostfile]
+        cmd += list(m.args)
+        # mpirun forwards only the variables it is told to; these make the ranks' runs match this one.
+        env = {"MASTER_PORT": str(lau.master_port), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        if lau.master_addr:
+            env["MASTER_ADDR"] = lau.master_addr
+        for name in [*env, "PATH", "PYTHONPATH", "DS_ACCELERATOR"]:
+            if name in env or name in os.environ:
+                cmd += ["-x", name]
+        return Launch([*cmd, sys.executable, *_entry(spec_path)], env=env)
+    raise SpecError(f"launcher.kind: unknown launcher {lau.kind!r}")
+
+
+def _first_host_in(hostfile: Path) -> str:
+    for line in hostfile.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            return line.split()[0]
+    raise SpecError(f"launcher.deepspeed.hostfile: {hostfile} names no host")
+
+
+def run_launch(spec: JobSpec, plan: Launch) -> int:
+    """Write the plan's files and run its command; for Slurm, print the job id and log location.
+
+    Returns:
+        The launcher's exit code (for Slurm: sbatch's).
+    """
+    for path, text in plan.files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    env = dict(os.environ, **spec.env, **plan.env)
+    env.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    tool = plan.command[0]
+    if not Path(tool).is_absolute() and shutil.which(tool, path=env.get("PATH")) is None:
+        raise SpecError(f"launcher.kind: {tool!r} is not on PATH")
+    if spec.launcher.kind != "slurm":
+        return subprocess.call(plan.command, env=env)
+    (Path(spec.run_dir) / "slurm").mkdir(parents=True, exist_ok=True)  # Slurm does not create it
+    proc = subprocess.run(plan.command, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr, file=sys.stderr, end="")
+        return proc.returncode
+    job_id = re.split(r"[;\s]", proc.stdout.strip())[0]
+    print(f"[poft-ds] submitted Slurm job {job_id}; logs: {Path(spec.run_dir) / 'slurm'}/*-{job_id}.out")
+    print(job_id)
+    return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

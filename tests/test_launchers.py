@@ -1,0 +1,174 @@
+"""Launchers: rendered commands, and real launches under the deepspeed launcher, OpenMPI and Slurm."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from poft_ds.launchers import plan_launch
+from poft_ds.spec import load_spec
+from tests.conftest import base_spec, launch, read_metrics, write_spec
+
+HERE = Path(__file__).parent
+
+
+def small_job(assets: Path, run_dir: Path, **over) -> dict:
+    """2 trainer ranks + 1 reference rank, 3 steps: the smallest job that exercises every role."""
+    spec = base_spec(
+        assets,
+        run_dir,
+        aligned_models=[{"name": "zephyr", "path": str(assets / "aligned_zephyr"), "max_length": 96}],
+        training={"learning_rate": 1e-3, "micro_batch_size": 2, "global_batch_size": 8, "max_steps": 3},
+        topology={"procs_per_node": 3},
+        checkpoint={"every_steps": 2},
+    )
+    spec.update(over)
+    return spec
+
+
+def assert_complete(run_dir: Path, steps: int = 3) -> None:
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, steps + 1))
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
+    assert (run_dir / "final_model" / "model.safetensors").is_file()
+    assert (run_dir / "job.resolved.yaml").is_file()
+
+
+def test_deepspeed_two_node_hostfile_and_command_are_rendered(assets: Path, tmp_path: Path) -> None:
+    spec_dict = small_job(assets, tmp_path / "run")
+    spec_dict["topology"] = {"nodes": 2, "procs_per_node": 3}
+    spec_dict["training"]["global_batch_size"] = 10  # 5 trainer ranks x micro-batch 2
+    spec_dict["launcher"] = {
+        "kind": "deepspeed",
+        "master_port": 29999,
+        "deepspeed": {"hosts": ["gpu-a", "gpu-b"], "backend": "pdsh", "ssh_port": 2222},
+    }
+    path = write_spec(spec_dict, tmp_path / "job.yaml")
+    plan = plan_launch(load_spec(path), path)
+    hostfile = tmp_path / "run" / "launch" / "hostfile"
+    assert plan.files == {hostfile: "gpu-a slots=3\ngpu-b slots=3\n"}
+    assert plan.command[:7] == [
+        "deepspeed",
+        f"--hostfile={hostfile}",
+        "--master_addr=gpu-a",
+        "--launcher=pdsh",
+        "--ssh_port=2222",
+        "--master_port=29999",
+        "--no_local_rank",
+    ]
+    assert plan.command[7:] == ["--module", "poft_ds.cli", "train", str(path.resolve())]
+    # --dry-run prints the same, and starts nothing.
+    out = subprocess.run(
+        [sys.executable, "-m", "poft_ds.cli", "launch", str(path), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and "gpu-b slots=3" in out.stdout and "--master_addr=gpu-a" in out.stdout
+    assert not hostfile.exists()
+
+
+def test_deepspeed_launcher_real_run_on_localhost_keeps_secrets_out_of_the_run_dir(
+    assets: Path, tmp_path: Path
+) -> None:
+    secret = "hf_SECRETtoken_7f3a9c"
+    spec = small_job(assets, tmp_path / "run", env={"HF_TOKEN": "${POFT_TEST_SECRET}", "POFT_MARK": "ok"})
+    spec["launcher"] = {"kind": "deepspeed", "master_port": base_spec(assets, tmp_path)["launcher"]["master_port"]}
+    path = write_spec(spec, tmp_path / "job.yaml")
+    os.environ["POFT_TEST_SECRET"] = secret
+    try:
+        proc = launch(path)
+    finally:
+        del os.environ["POFT_TEST_SECRET"]
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "deepspeed --num_nodes=1 --num_gpus=3" in proc.stdout
+    run_dir = tmp_path / "run"
+    assert_complete(run_dir)
+    assert "${POFT_TEST_SECRET}" in (run_dir / "job.resolved.yaml").read_text()
+    for f in run_dir.rglob("*"):
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
+    assert secret not in proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI is installed by scripts/setup.sh")
+def test_openmpi_run_discovers_ranks_through_mpi4py(assets: Path, tmp_path: Path) -> None:
+    spec = small_job(assets, tmp_path / "run")
+    spec["launcher"] |= {"kind": "mpi", "mpi": {"args": ["--allow-run-as-root", "--oversubscribe"]}}
+    proc = launch(write_spec(spec, tmp_path / "job.yaml"))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "mpirun -np 3" in proc.stdout
+    for rank, role in ((0, "trainer"), (1, "trainer"), (2, "ref/zephyr")):
+        assert f"global_rank={rank}/3 role={role}" in proc.stdout
+    assert_complete(tmp_path / "run")
+
+
+def test_sbatch_script_renders_the_slurm_options(assets: Path, tmp_path: Path) -> None:
+    spec = small_job(assets, tmp_path / "run")
+    spec["launcher"] |= {
+        "kind": "slurm",
+        "slurm": {
+            "partition": "gpu",
+            "account": "ml",
+            "time": "1-00:00:00",
+            "gres": "gpu:8",
+            "extra_sbatch": ["--qos=high"],
+            "job_name": "poft",
+        },
+    }
+    path = write_spec(spec, tmp_path / "job.yaml")
+    plan = plan_launch(load_spec(path), path)
+    (script,) = plan.files.values()
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=ml",
+        "#SBATCH --time=1-00:00:00",
+        "#SBATCH --gres=gpu:8",
+        "#SBATCH --qos=high",
+        "#SBATCH --ntasks=3",
+        "#SBATCH --ntasks-per-node=3",
+        "#SBATCH --job-name=poft",
+        f"-m poft_ds.cli train {path.resolve()}",
+    ):
+        assert line in script
+    assert "--overcommit" not in script
+    assert plan.command[:2] == ["sbatch", "--parsable"]
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster() -> None:
+    if shutil.which("slurmctld") is None or os.geteuid() != 0:
+        pytest.skip("needs Debian's slurm-wlm and munge (scripts/setup.sh) and root")
+    subprocess.run(["bash", str(HERE / "slurm_cluster.sh")], check=True, timeout=180)
+
+
+def _job_state(job_id: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    for word in out.split():
+        if word.startswith("JobState="):
+            return word.split("=", 1)[1]
+    return "UNKNOWN"
+
+
+def test_slurm_submission_completes_with_a_complete_run_dir(slurm_cluster, assets: Path, tmp_path: Path) -> None:
+    spec = small_job(assets, tmp_path / "run")
+    spec["launcher"] |= {"kind": "slurm", "slurm": {"overcommit": True}}
+    proc = launch(write_spec(spec, tmp_path / "job.yaml"), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = proc.stdout.strip().splitlines()[-1]
+    assert job_id.isdigit() and f"submitted Slurm job {job_id}" in proc.stdout
+    deadline = time.time() + 600
+    while (state := _job_state(job_id)) in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "UNKNOWN"):
+        assert time.time() < deadline, f"Slurm job {job_id} still {state}"
+        time.sleep(2)
+    log = next((tmp_path / "run" / "slurm").glob(f"*-{job_id}.out")).read_text()
+    assert state == "COMPLETED", log[-4000:]
+    assert "global_rank=2/3 role=ref/zephyr" in log
+    assert_complete(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "data_report" / "trainer.json").read_text())["rows"] == 96
