@@ -16,11 +16,21 @@ import sys
 
 import yaml
 
+from poft_ds.formats import DataError
 from poft_ds.spec import JobSpec, SpecError, load_spec
 
 
+def _load_checked(path: str) -> JobSpec:
+    """Load a spec and prove every model's chat template can be masked."""
+    from poft_ds.inspect import check_templates
+
+    spec = load_spec(path)
+    check_templates(spec)
+    return spec
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec)
+    spec = _load_checked(args.spec)
     print(yaml.safe_dump(spec.public_dump(), sort_keys=False), end="")
     roles = f"{spec.trainer_ranks} trainer ranks" + "".join(
         f", {m.ranks} for {m.name}" for m in (spec.aligned_models if spec.objective.kind == "poft" else [])
@@ -37,7 +47,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 def _cmd_launch(args: argparse.Namespace) -> int:
     from poft_ds.launchers import plan_launch, run_launch
 
-    spec = load_spec(args.spec)
+    spec = _load_checked(args.spec)
     plan = plan_launch(spec, args.spec)
     for path, text in plan.files.items():
         print(f"# {path}\n{text}", end="" if text.endswith("\n") else "\n")
@@ -45,6 +55,41 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     return run_launch(spec, plan)
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from poft_ds.inspect import inspect_data
+
+    report = inspect_data(_load_checked(args.spec))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    print(f"rows: {report['rows']}, usable by every model: {report['usable_by_all_models']}")
+    for name, m in report["models"].items():
+        print(f"\n== {name} ({m['path']})")
+        for outcome, n in m["outcomes"].items():
+            examples = ", ".join(m["examples"].get(outcome, [])[:3])
+            print(f"  {outcome:<40} {n:>8}" + (f"   e.g. {examples}" if examples else ""))
+        if m["tokens"]:
+            print("  tokens: " + ", ".join(f"{k} {v:.0f}" for k, v in m["tokens"].items()))
+            print("  first sample, trained tokens in [[ ]]:\n    " + m["masked_sample"].replace("\n", "\n    "))
+    verdict = "would start" if report["would_start"] else "would REFUSE to start"
+    print(
+        f"\nbad fraction {report['bad_fraction']:.4f} (data.max_bad_fraction {report['max_bad_fraction']}): job {verdict}"
+    )
+    return 0 if report["would_start"] else 1
+
+
+def _cmd_bench_padding(args: argparse.Namespace) -> int:
+    from poft_ds.bench import padding_efficiency
+
+    result = padding_efficiency(global_batch=args.global_batch, score_batch_size=args.score_batch_size)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -71,10 +116,21 @@ def main(argv: list[str] | None = None) -> int:
         if name == "launch":
             p.add_argument("--dry-run", action="store_true", help="print the command, start nothing")
     sub.add_parser("schema", help="print the job spec's JSON schema").set_defaults(fn=_cmd_schema)
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("inspect", help="tokenize the data under every model and report what is usable")
+    p.add_argument("spec", help="job spec (YAML)")
+    p.add_argument("--json", help="also write the report as JSON to this file")
+    p.set_defaults(fn=_cmd_data_inspect)
+    bench = sub.add_parser("bench", help="benchmarks (JSON results)").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("padding", help="real / processed tokens of scoring and training batches")
+    p.add_argument("--out", help="write the JSON result here")
+    p.add_argument("--global-batch", type=int, default=512)
+    p.add_argument("--score-batch-size", type=int, default=8)
+    p.set_defaults(fn=_cmd_bench_padding)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except SpecError as e:
+    except (SpecError, DataError) as e:
         print(f"poft-ds: {e}", file=sys.stderr)
         return 2
 

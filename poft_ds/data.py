@@ -13,100 +13,15 @@ not prefixes of each other cannot be masked this way and is reported as an error
 
 from __future__ import annotations
 
-import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import render_jinja_template
 
-ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """Unusable data, named by file and row."""
-
-
-@dataclass
-class Row:
-    """One conversation and where it came from."""
-
-    source: str
-    line: int
-    messages: list[dict[str, str]] | None
-    problem: str | None = None
-
-
-def _read_records(path: Path) -> list[tuple[int, Any, str | None]]:
-    """(line or row number, record, parse problem) for every row of a JSONL, JSON or parquet file."""
-    if path.suffix == ".parquet":
-        import datasets
-
-        ds = datasets.Dataset.from_parquet(str(path))
-        return [(i + 1, rec, None) for i, rec in enumerate(ds)]
-    text = path.read_text(encoding="utf-8", errors="strict")
-    if path.suffix == ".json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON: {e}") from e
-        if not isinstance(records, list):
-            raise DataError(f"{path}: a .json data file holds a list of rows, got {type(records).__name__}")
-        return [(i + 1, rec, None) for i, rec in enumerate(records)]
-    out = []
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append((i, json.loads(line), None))
-        except json.JSONDecodeError as e:
-            out.append((i, None, f"malformed JSON ({e.msg})"))
-    return out
-
-
-def _check_messages(rec: Any, messages_field: str) -> tuple[list[dict[str, str]] | None, str | None]:
-    if not isinstance(rec, dict) or messages_field not in rec:
-        return None, f"no '{messages_field}' field"
-    msgs = rec[messages_field]
-    if not isinstance(msgs, list) or not msgs:
-        return None, f"'{messages_field}' is not a non-empty list"
-    clean = []
-    for j, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            return None, f"turn {j} is not a {{role: system|user|assistant, content: str}} mapping"
-        clean.append({"role": m["role"], "content": m["content"]})
-    if not any(m["role"] == "assistant" for m in clean):
-        return None, "no assistant turn"
-    if any(m["role"] == "assistant" and not m["content"].strip() for m in clean):
-        return None, "empty assistant content"
-    return clean, None
-
-
-def load_rows(files: list[str], messages_field: str = "messages") -> list[Row]:
-    """Read every row of every file, keeping unusable rows with the reason (nothing is dropped).
-
-    Args:
-        files: JSONL, JSON or parquet paths.
-        messages_field: The column holding the conversation.
-
-    Returns:
-        Rows in file order; a row with `problem` set cannot be trained on.
-    """
-    rows: list[Row] = []
-    for f in files:
-        path = Path(f)
-        try:
-            records = _read_records(path)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text: {e}") from e
-        for line, rec, problem in records:
-            msgs = None
-            if problem is None:
-                msgs, problem = _check_messages(rec, messages_field)
-            rows.append(Row(str(path), line, msgs, problem))
-    return rows
+from poft_ds.formats import DataError, Row
 
 
 @dataclass
@@ -131,18 +46,31 @@ class TokenizeReport:
             self.examples[reason].append(where)
 
 
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
 class ChatTokenizer:
     """Turns conversations into token ids and response masks for one model.
 
     Args:
         tokenizer: The model's Hugging Face tokenizer (a fast tokenizer: offsets are needed).
-        max_length: Longest sequence; longer conversations are cut at the end.
+        max_length: Longest sequence.
         chat_template: Optional template overriding the tokenizer's.
+        truncation: What to do with a longer conversation: `right` keeps its first `max_length`
+            tokens, `left` its last ones (the latest turns, trimming the prompt from the left),
+            `drop` makes it unusable ("too long").
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, chat_template: str | None = None):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        chat_template: str | None = None,
+        truncation: str = "right",
+    ):
         self.tok = tokenizer
         self.max_length = max_length
+        self.truncation = truncation
         self.template = chat_template or tokenizer.chat_template
         if not self.template:
             raise DataError(f"tokenizer {tokenizer.name_or_path} has no chat template and the spec gives none")
@@ -173,9 +101,12 @@ class ChatTokenizer:
             before = self._render(messages[:i], generation_prompt=True) if i else ""
             through = self._render(messages[: i + 1], generation_prompt=False)
             if not (full.startswith(through) and through.startswith(before)):
+                if GENERATION_BLOCK.search(self.template):
+                    return self._generation_marker_spans(messages)
                 raise DataError(
                     "chat template renders a conversation differently from its prefixes "
-                    f"(assistant turn {i}); its assistant tokens cannot be located"
+                    f"(assistant turn {i}) and has no {{% generation %}} markers; its assistant tokens "
+                    "cannot be located. Add generation markers to the template (chat_template in the spec)"
                 )
             turn = through[len(before) :]
             content_at = turn.find(m["content"])
@@ -183,6 +114,23 @@ class ChatTokenizer:
                 raise DataError(f"chat template does not render assistant turn {i}'s content verbatim")
             start = len(before) + content_at
             end = len(before) + len(turn.rstrip())
+            spans.append((start, end))
+        return full, spans
+
+    def _generation_marker_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+        """Spans from the template's own `{% generation %}` blocks (for templates that rewrite history)."""
+        rendered, indices = render_jinja_template(
+            [messages], chat_template=self.template, return_assistant_tokens_mask=True, **self.tok.special_tokens_map
+        )
+        full = rendered[0]
+        if not indices[0]:
+            raise DataError("chat template's {% generation %} blocks mark no assistant text")
+        # The blocks' end-of-turn marker may sit just outside them; trained when it directly follows.
+        spans = []
+        for start, end in indices[0]:
+            eos = self.tok.eos_token or ""
+            if eos and full.startswith(eos, end):
+                end += len(eos)
             spans.append((start, end))
         return full, spans
 
@@ -198,7 +146,11 @@ class ChatTokenizer:
         if self.prepend_bos and not text.startswith(self.tok.bos_token or "\0"):
             ids, offsets = [self.tok.bos_token_id] + ids, [(0, 0)] + offsets
         mask = [any(s < e_tok and b_tok < e and b_tok < e_tok for s, e in spans) for b_tok, e_tok in offsets]
-        ids, mask = ids[: self.max_length], mask[: self.max_length]
+        if len(ids) > self.max_length:
+            if self.truncation == "drop":
+                return None, "too long"
+            keep = slice(len(ids) - self.max_length, None) if self.truncation == "left" else slice(self.max_length)
+            ids, mask = ids[keep], mask[keep]
         # The first token has no left context, so it cannot be scored.
         if not any(mask[1:]):
             return None, "no response token within max_length"
@@ -210,7 +162,7 @@ def tokenize_rows(rows: list[Row], chat: ChatTokenizer) -> tuple[list[TokenizedS
     out: list[TokenizedSample | None] = []
     report = TokenizeReport()
     for row in rows:
-        where = f"{row.source}:{row.line}"
+        where = row.where
         if row.problem is not None:
             out.append(None)
             report.add(row.problem, where)

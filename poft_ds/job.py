@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from poft_ds.data import ChatTokenizer, DataError, TokenizedSample, load_rows, tokenize_rows
+from poft_ds.data import ChatTokenizer, TokenizedSample, tokenize_rows
 from poft_ds.distributed import Worlds, init_worlds, shutdown
+from poft_ds.formats import DataError, load_rows
+from poft_ds.inspect import load_tokenizer
 from poft_ds.schedule import Schedule
 from poft_ds.spec import JobSpec, ModelSpec
 
@@ -36,14 +38,6 @@ class PreparedData:
     where: list[str]
 
 
-def load_tokenizer(model: ModelSpec) -> PreTrainedTokenizerBase:
-    """A model's tokenizer, with the spec's chat template applied when it overrides one."""
-    tok = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
-    if model.chat_template:
-        tok.chat_template = model.chat_template
-    return tok
-
-
 def model_of_role(spec: JobSpec, worlds: Worlds) -> ModelSpec:
     k = worlds.role.model_index
     return spec.model if k is None else spec.aligned_models[k]
@@ -60,10 +54,12 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
         DataError: naming the reasons and example rows when too many rows are unusable.
     """
     model = model_of_role(spec, worlds)
-    rows = load_rows(spec.data.train_files, spec.data.messages_field)
+    rows = load_rows(spec.data.sources, spec.seed)
     if not rows:
         raise DataError(f"data.train_files: no rows in {spec.data.train_files}")
-    samples, report = tokenize_rows(rows, ChatTokenizer(tokenizer, model.max_length, model.chat_template))
+    samples, report = tokenize_rows(
+        rows, ChatTokenizer(tokenizer, model.max_length, model.chat_template, model.truncation)
+    )
 
     ok = torch.tensor([s is not None for s in samples], dtype=torch.uint8)
     worlds.bridge_allreduce_min(ok)
@@ -104,12 +100,15 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
         trainers=spec.trainer_ranks,
         epochs=t.epochs,
         max_steps=t.max_steps,
+        lengths=tuple(sum(len(m["content"]) for m in r.messages or []) for r in rows)
+        if spec.data.group_by_length
+        else None,
     )
     if schedule.steps_per_epoch == 0:
         raise DataError(
             f"training.global_batch_size: {t.global_batch_size} is larger than the {len(usable)} usable samples"
         )
-    return PreparedData(samples, schedule, [f"{r.source}:{r.line}" for r in rows])
+    return PreparedData(samples, schedule, [r.where for r in rows])
 
 
 def save_resolved_spec(spec: JobSpec, folder: Path) -> None:

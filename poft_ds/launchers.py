@@ -114,7 +114,9 @@ def plan_launch(spec: JobSpec, spec_path: str | os.PathLike[str]) -> Launch:
                 where.append(f"--ssh_port={d.ssh_port}")
             if d.launcher_args:
                 where.append(f"--launcher_args={d.launcher_args}")
-        cmd = ["deepspeed", *where, f"--master_port={lau.master_port}", "--no_local_rank", "--module"]
+        # The runner as a module of this interpreter: the `deepspeed` script need not be on PATH.
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *where]
+        cmd += [f"--master_port={lau.master_port}", "--no_local_rank", "--module"]
         return Launch([*cmd, *_entry(spec_path)[1:]], files)
     if lau.kind == "slurm":
         script = _launch_dir(spec) / "job.sbatch"

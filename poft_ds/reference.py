@@ -2,7 +2,7 @@
 
 The ranks serving one aligned model share a ZeRO-3 inference engine (parameters sharded over
 them). For each optimizer step, rank j of the group scores the positions `p % ranks == j` of the
-step's global batch, shortest first to cut padding, and sends each trainer the scores of the
+step's global batch, in batches of similar length to cut padding, and sends each trainer the scores of the
 positions that trainer consumes. Sends are asynchronous; a rank runs at most
 `reference.prefetch_steps` steps ahead of the slowest trainer, then waits (with a timeout).
 """
@@ -21,7 +21,7 @@ from poft_ds.distributed import Worlds, wait_send
 from poft_ds.ds_config import reference_config, resolve_precision
 from poft_ds.job import PreparedData
 from poft_ds.models import inference_engine, load_scorer
-from poft_ds.schedule import reference_positions, shared_positions
+from poft_ds.schedule import length_grouped_batches, reference_positions, shared_positions
 from poft_ds.spec import JobSpec
 
 
@@ -46,12 +46,13 @@ def serve_scores(spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: P
     busy = 0.0
     for step in range(schedule.total_steps):
         rows = schedule.global_batch_at(step)
-        mine = sorted(reference_positions(G, role.size, role.rank), key=lambda p: len(data.samples[rows[p]].input_ids))
+        lengths = {p: len(data.samples[rows[p]].input_ids) for p in reference_positions(G, role.size, role.rank)}
+        batches = length_grouped_batches(list(lengths), lengths.__getitem__, bs)
         scores: dict[int, float] = {}
         t0 = time.perf_counter()
         with torch.no_grad():
             for i in range(passes_per_step):
-                chunk = mine[i * bs : (i + 1) * bs]
+                chunk = batches[i] if i < len(batches) else []
                 batch = (collate([data.samples[rows[p]] for p in chunk], pad) if chunk else dummy).to(worlds.device)
                 logp_sum, n_tokens = engine(batch.input_ids, batch.attention_mask, batch.response_mask)
                 if chunk:

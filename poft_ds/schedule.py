@@ -12,6 +12,7 @@ A final, incomplete global batch of an epoch is not trained on; its size is logg
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,8 @@ class Schedule:
         trainers: Trainer ranks.
         epochs: Passes over the data.
         max_steps: Optional cap on optimizer steps.
+        lengths: Optional per-row sizes (tokenizer-independent, e.g. characters); when given, each
+            global batch is grouped by length so micro-batches hold similar lengths (less padding).
     """
 
     usable: tuple[int, ...]
@@ -38,6 +41,7 @@ class Schedule:
     trainers: int
     epochs: int
     max_steps: int | None = None
+    lengths: tuple[int, ...] | None = None
 
     @property
     def grad_accum(self) -> int:
@@ -63,7 +67,15 @@ class Schedule:
         order = torch.randperm(len(self.usable), generator=g)[
             within * self.global_batch : (within + 1) * self.global_batch
         ]
-        return [self.usable[i] for i in order.tolist()]
+        rows = [self.usable[i] for i in order.tolist()]
+        if self.lengths is None:
+            return rows
+        # Longest first (memory problems show at step 1); micro-batch k of that order goes to
+        # trainer k % trainers so every trainer gets a similar token count.
+        rows.sort(key=lambda r: -self.lengths[r])
+        mb = self.micro_batch
+        chunks = [rows[k * mb : (k + 1) * mb] for k in range(self.global_batch // mb)]
+        return [r for t in range(self.trainers) for m in range(self.grad_accum) for r in chunks[m * self.trainers + t]]
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
@@ -82,3 +94,9 @@ def reference_positions(global_batch: int, ranks: int, rank: int) -> list[int]:
 def shared_positions(schedule: Schedule, trainer: int, ranks: int, rank: int) -> list[int]:
     """Positions trainer `trainer` needs from reference rank `rank` (of `ranks`), in order."""
     return [p for p in schedule.trainer_positions(trainer) if p % ranks == rank]
+
+
+def length_grouped_batches(items: list[int], length: Callable[[int], int], batch_size: int) -> list[list[int]]:
+    """Cut items into batches of similar length (sorted, longest first), to cut padding."""
+    ordered = sorted(items, key=lambda i: -length(i))
+    return [ordered[k : k + batch_size] for k in range(0, len(ordered), batch_size)]

@@ -37,6 +37,10 @@ class ModelSpec(_Strict):
         description="Jinja chat template overriding the tokenizer's own (a string or a .jinja file).",
     )
     max_length: int = Field(1024, gt=1, description="Maximum tokens per sample, prompt included.")
+    truncation: Literal["right", "left", "drop"] = Field(
+        "right",
+        description="Longer samples: keep the first max_length tokens, the last ones, or drop the sample.",
+    )
     trust_remote_code: bool = Field(False, description="Allow code shipped with the model to run.")
 
 
@@ -49,14 +53,33 @@ class AlignedModelSpec(ModelSpec):
     allow_cross_node: bool = Field(False, description="Let this model's rank group span nodes.")
 
 
-class DataSpec(_Strict):
-    """Training data in the chat `messages` format."""
+class SourceSpec(_Strict):
+    """One data file and how to read it."""
 
-    train_files: list[str] = Field(min_length=1, description="JSONL, JSON or parquet files.")
-    messages_field: str = Field("messages", description="Column holding the list of {role, content} turns.")
+    path: str = Field(description="JSONL, JSON, parquet or arrow file.")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = Field(
+        "auto", description="Row format; `auto` detects it from the first row."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Format field -> column name, e.g. {messages: chat, id: uid}."
+    )
+    weight: float = Field(1.0, gt=0.0, description="Times each row is used per epoch (fractions sample).")
+
+
+class DataSpec(_Strict):
+    """Training data: one or more sources, each a path or a mapping with format, columns, weight."""
+
+    train_files: list[str | SourceSpec] = Field(min_length=1, description="Data sources (a mixture when several).")
     max_bad_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="Refuse to start when more than this fraction of rows is unusable."
     )
+    group_by_length: bool = Field(
+        True, description="Inside each global batch, put samples of similar length in the same micro-batch."
+    )
+
+    @property
+    def sources(self) -> list[SourceSpec]:
+        return [SourceSpec(path=f) if isinstance(f, str) else f for f in self.train_files]
 
 
 class ObjectiveSpec(_Strict):
@@ -368,7 +391,7 @@ def load_spec(path: str | os.PathLike[str]) -> JobSpec:
 
     base = path.resolve().parent
     spec.run_dir = resolve_path(spec.run_dir, base)
-    spec.data.train_files = [resolve_path(f, base) for f in spec.data.train_files]
+    spec.data.train_files = [src.model_copy(update={"path": resolve_path(src.path, base)}) for src in spec.data.sources]
     problems = []
     for where, m in [("model", spec.model)] + [(f"aligned_models[{i}]", a) for i, a in enumerate(spec.aligned_models)]:
         m.path = resolve_path(m.path, base)
@@ -382,9 +405,9 @@ def load_spec(path: str | os.PathLike[str]) -> JobSpec:
                 problems.append(f"  {where}.chat_template: template file {template_file} does not exist")
             else:
                 m.chat_template = template_file.read_text()
-    for i, f in enumerate(spec.data.train_files):
-        if not Path(f).is_file():
-            problems.append(f"  data.train_files[{i}]: {f} does not exist")
+    for i, src in enumerate(spec.data.sources):
+        if not Path(src.path).is_file():
+            problems.append(f"  data.train_files[{i}]: {src.path} does not exist")
     for where, holder in (("launcher.deepspeed", spec.launcher.deepspeed), ("launcher.mpi", spec.launcher.mpi)):
         if holder.hostfile:
             holder.hostfile = resolve_path(holder.hostfile, base)

@@ -3,13 +3,18 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
-from poft_ds.data import ChatTokenizer, DataError, load_rows, tokenize_rows
+from poft_ds.data import ChatTokenizer, tokenize_rows
+from poft_ds.formats import DataError, load_rows, read_source
+from poft_ds.spec import SourceSpec
 from poft_ds.tiny import ZEPHYR_TEMPLATE
+from tests.conftest import base_spec, write_spec
 
 THREE_TURNS = [
     {"role": "system", "content": "Be brief."},
@@ -115,33 +120,120 @@ def test_template_that_rewrites_history_is_rejected_not_mis_masked(assets: Path)
 
 
 def test_corrupted_jsonl_names_every_bad_row(tmp_path: Path, assets: Path) -> None:
-    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    def good(i: str) -> str:
+        return json.dumps(
+            {"id": i, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+        )
+
     lines = [
-        json.dumps(good),
-        json.dumps({"messages": [{"role": "user", "content": "a"}]}),
-        json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]}),
-        json.dumps({"messages": [{"role": "robot", "content": "a"}]}),
-        json.dumps({"messages": [{"role": "user", "content": 5}]}),
-        json.dumps({"text": "no messages"}),
-        json.dumps(good)[:-7],  # truncated last line
+        good("r1").encode(),
+        json.dumps({"id": "r2", "messages": [{"role": "user", "content": "a"}]}).encode(),
+        json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]}).encode(),
+        json.dumps({"messages": [{"role": "robot", "content": "a"}]}).encode(),
+        json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(),
+        json.dumps({"text": "no messages"}).encode(),
+        good("r1").encode(),  # duplicate id
+        b'{"messages": "caf\xe9"}',  # Latin-1 bytes, not UTF-8
+        good("r9").encode()[:-7],  # truncated last line
     ]
     path = tmp_path / "bad.jsonl"
-    path.write_text("\n".join(lines))
+    path.write_bytes(b"\n".join(lines))
     rows = load_rows([str(path)])
-    assert len(rows) == 7  # nothing dropped
+    assert len(rows) == 9  # nothing dropped
     tok = AutoTokenizer.from_pretrained(assets / "target")
     samples, report = tokenize_rows(rows, ChatTokenizer(tok, max_length=64))
     assert samples[0] is not None and all(s is None for s in samples[1:])
-    where = {r: ex for r, ex in report.examples.items()}
-    assert where["no assistant turn"] == [f"{path}:2"]
-    assert where["empty assistant content"] == [f"{path}:3"]
-    assert sorted(where["turn 0 is not a {role: system|user|assistant, content: str} mapping"]) == [
-        f"{path}:4",
-        f"{path}:5",
+    where = dict(report.examples)
+    assert where.pop("no assistant turn") == [f"{path}:2"]
+    assert where.pop("empty response") == [f"{path}:3"]
+    assert where.pop("malformed roles") == [f"{path}:4", f"{path}:5"]
+    assert where.pop("no 'messages' list") == [f"{path}:6"]
+    assert where.pop("duplicate id") == [f"{path}:7"]
+    assert where.pop("undecodable (not UTF-8)") == [f"{path}:8"]
+    ((reason, rows_),) = where.items()
+    assert reason.startswith("malformed JSON") and rows_ == [f"{path}:9"]
+    assert sum(report.counts.values()) == 8
+
+
+def test_every_format_becomes_the_same_conversation(tmp_path: Path) -> None:
+    system, user, answer = "Be brief.", "Say hi", "hi"
+    expected = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": answer},
     ]
-    assert where["no 'messages' field"] == [f"{path}:6"]
-    assert any(k.startswith("malformed JSON") and v == [f"{path}:7"] for k, v in where.items())
-    assert sum(report.counts.values()) == 6
+    files = {
+        "messages.jsonl": {"messages": expected},
+        "sharegpt.jsonl": {
+            "conversations": [
+                {"from": "system", "value": system},
+                {"from": "human", "value": user},
+                {"from": "gpt", "value": answer},
+            ]
+        },
+        "alpaca.jsonl": {"instruction": user, "input": "", "output": answer, "system": system},
+        "pc.jsonl": {"prompt": user, "completion": answer, "system": system},
+        "renamed.jsonl": {"chat": expected},
+    }
+    for name, rec in files.items():
+        (tmp_path / name).write_text(json.dumps(rec) + "\n")
+    for name in ("messages.jsonl", "sharegpt.jsonl", "alpaca.jsonl", "pc.jsonl"):
+        (row,) = read_source(str(tmp_path / name))
+        assert row.messages == expected, name
+    (row,) = read_source(str(tmp_path / "renamed.jsonl"), "messages", {"messages": "chat"})
+    assert row.messages == expected
+    (tmp_path / "alpaca_input.jsonl").write_text(json.dumps({"instruction": "Sum", "input": "1 2", "output": "3"}))
+    (row,) = read_source(str(tmp_path / "alpaca_input.jsonl"))
+    assert row.messages == [{"role": "user", "content": "Sum\n\n1 2"}, {"role": "assistant", "content": "3"}]
+    (tmp_path / "sharegpt_bad.jsonl").write_text(json.dumps({"conversations": [{"from": "alien", "value": "x"}]}))
+    (row,) = read_source(str(tmp_path / "sharegpt_bad.jsonl"), "sharegpt")
+    assert row.problem == "malformed roles"
+
+
+def test_source_weights_repeat_and_sample_rows(tmp_path: Path) -> None:
+    rec = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(rec) for _ in range(10)))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(rec) for _ in range(10)))
+    sources = [
+        SourceSpec(path=str(tmp_path / "a.jsonl"), weight=2.0),
+        SourceSpec(path=str(tmp_path / "b.jsonl"), weight=0.3),
+    ]
+    rows = load_rows(sources, seed=1)
+    assert sum(r.source.endswith("a.jsonl") for r in rows) == 20
+    assert sum(r.source.endswith("b.jsonl") for r in rows) == 3
+    assert [r.line for r in load_rows(sources, seed=1)] == [r.line for r in rows]
+
+
+def test_truncation_policies(assets: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(assets / "target")
+    full, _ = ChatTokenizer(tok, max_length=512)(THREE_TURNS)
+    n = len(full.input_ids) - 5
+    left, _ = ChatTokenizer(tok, max_length=n, truncation="left")(THREE_TURNS)
+    assert left.input_ids == full.input_ids[5:] and left.response_mask == full.response_mask[5:]
+    right, _ = ChatTokenizer(tok, max_length=n, truncation="right")(THREE_TURNS)
+    assert right.input_ids == full.input_ids[:n]
+    assert ChatTokenizer(tok, max_length=n, truncation="drop")(THREE_TURNS) == (None, "too long")
+
+
+def test_template_with_generation_markers_that_rewrites_history_is_masked_by_its_markers(assets: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(assets / "target")
+    # Like reasoning models' templates: earlier assistant turns lose their <think> part.
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+        "{% generation %}{{ (m['content'].split('</think>')[-1] if not loop.last else m['content']) + '<|im_end|>' }}"
+        "{% endgeneration %}{{ '\n' }}"
+        "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    msgs = [
+        {"role": "user", "content": "1+1?"},
+        {"role": "assistant", "content": "<think>one plus one</think>2"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>two and two</think>4"},
+    ]
+    sample, _ = ChatTokenizer(tok, max_length=512, chat_template=template)(msgs)
+    marked = "".join(tok.decode([i]) for i, m in zip(sample.input_ids, sample.response_mask) if m)
+    assert marked == "2<|im_end|><think>two and two</think>4<|im_end|>"
 
 
 def test_json_and_parquet_files_load_like_jsonl(tmp_path: Path, assets: Path) -> None:
@@ -153,3 +245,33 @@ def test_json_and_parquet_files_load_like_jsonl(tmp_path: Path, assets: Path) ->
     for name in ("d.json", "d.parquet"):
         loaded = load_rows([os.fspath(tmp_path / name)])
         assert [r.messages for r in loaded] == [r["messages"] for r in rows]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "poft_ds.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_data_inspect_reports_bad_rows_and_refuses_above_the_threshold(assets: Path, tmp_path: Path) -> None:
+    lines = (assets / "data" / "train.jsonl").read_text().splitlines()[:20]
+    lines[3] = '{"messages": [{"role": "user", "content": "no answer"}]}'
+    lines[7] = lines[7][:-10]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines))
+    spec = base_spec(assets, tmp_path / "run", data={"train_files": [str(tmp_path / "d.jsonl")]})
+    proc = _cli("data", "inspect", str(write_spec(spec, tmp_path / "job.yaml")), "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 1, proc.stderr
+    assert "d.jsonl:4" in proc.stdout and "d.jsonl:8" in proc.stdout and "REFUSE" in proc.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["rows"] == 20 and report["usable_by_all_models"] == 18
+    assert report["models"]["zephyr"]["outcomes"]["no assistant turn"] == 1
+    assert "[[" in report["models"]["target"]["masked_sample"]
+    spec["data"]["max_bad_fraction"] = 0.2
+    assert _cli("data", "inspect", str(write_spec(spec, tmp_path / "job.yaml"))).returncode == 0
+
+
+def test_validate_rejects_a_template_that_cannot_be_masked(assets: Path, tmp_path: Path) -> None:
+    spec = base_spec(assets, tmp_path / "run")
+    # Renders only the last message: earlier turns vanish, so prefixes do not match.
+    spec["aligned_models"][1]["chat_template"] = "{{ messages[-1]['content'] }}"
+    proc = _cli("validate", str(write_spec(spec, tmp_path / "job.yaml")))
+    assert proc.returncode == 2
+    assert "aligned_models[1].chat_template" in proc.stderr and "zephyr" in proc.stderr

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from poft_ds.data import ChatTokenizer, load_rows
+from poft_ds.data import ChatTokenizer
+from poft_ds.formats import load_rows
 from tests.conftest import base_spec, launch, read_metrics, run_job, write_spec
 from tests.test_scoring import plain_scores
 

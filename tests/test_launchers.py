@@ -53,8 +53,10 @@ def test_deepspeed_two_node_hostfile_and_command_are_rendered(assets: Path, tmp_
     plan = plan_launch(load_spec(path), path)
     hostfile = tmp_path / "run" / "launch" / "hostfile"
     assert plan.files == {hostfile: "gpu-a slots=3\ngpu-b slots=3\n"}
-    assert plan.command[:7] == [
-        "deepspeed",
+    assert plan.command[:9] == [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
         f"--hostfile={hostfile}",
         "--master_addr=gpu-a",
         "--launcher=pdsh",
@@ -62,7 +64,7 @@ def test_deepspeed_two_node_hostfile_and_command_are_rendered(assets: Path, tmp_
         "--master_port=29999",
         "--no_local_rank",
     ]
-    assert plan.command[7:] == ["--module", "poft_ds.cli", "train", str(path.resolve())]
+    assert plan.command[9:] == ["--module", "poft_ds.cli", "train", str(path.resolve())]
     # --dry-run prints the same, and starts nothing.
     out = subprocess.run(
         [sys.executable, "-m", "poft_ds.cli", "launch", str(path), "--dry-run"],
@@ -87,7 +89,7 @@ def test_deepspeed_launcher_real_run_on_localhost_keeps_secrets_out_of_the_run_d
     finally:
         del os.environ["POFT_TEST_SECRET"]
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "deepspeed --num_nodes=1 --num_gpus=3" in proc.stdout
+    assert "deepspeed.launcher.runner --num_nodes=1 --num_gpus=3" in proc.stdout
     run_dir = tmp_path / "run"
     assert_complete(run_dir)
     assert "${POFT_TEST_SECRET}" in (run_dir / "job.resolved.yaml").read_text()

@@ -29,3 +29,29 @@ def test_epochs_are_seeded_permutations_and_leftovers_are_counted():
     again = Schedule(tuple(range(10, 60)), seed=5, global_batch=8, micro_batch=2, trainers=2, epochs=2)
     assert [again.global_batch_at(k) for k in range(12)] == [s.global_batch_at(k) for k in range(12)]
     assert Schedule(s.usable, 5, 8, 2, 2, 2, max_steps=4).total_steps == 4
+
+
+def test_length_grouping_keeps_each_step_and_balances_trainers():
+    lengths = tuple((i * 37) % 101 for i in range(64))
+    plain = Schedule(tuple(range(64)), seed=2, global_batch=16, micro_batch=2, trainers=2, epochs=1)
+    grouped = Schedule(tuple(range(64)), seed=2, global_batch=16, micro_batch=2, trainers=2, epochs=1, lengths=lengths)
+    for step in range(plain.total_steps):
+        a, b = plain.global_batch_at(step), grouped.global_batch_at(step)
+        assert sorted(a) == sorted(b)  # the same samples train in the same step
+        micro = [b[k : k + 2] for k in range(0, 16, 2)]
+        spread = sum(max(lengths[i] for i in m) - min(lengths[i] for i in m) for m in micro)
+        assert spread <= sum(
+            max(lengths[i] for i in a[k : k + 2]) - min(lengths[i] for i in a[k : k + 2]) for k in range(0, 16, 2)
+        )
+        per_trainer = [sum(lengths[i] for i in b[t * 8 : (t + 1) * 8]) for t in range(2)]
+        assert abs(per_trainer[0] - per_trainer[1]) <= max(lengths) * 2
+
+
+def test_padding_benchmark_meets_the_target_with_length_grouping():
+    from poft_ds.bench import padding_efficiency
+
+    r = padding_efficiency()  # the benchmark as `poft-ds bench padding` runs it
+    assert 700 < r["observed_median_tokens"] < 900
+    assert r["scoring"]["length_grouped"] >= 0.9 > r["scoring"]["pad_to_max_length"]
+    assert r["training"]["length_grouped"] >= 0.9
+    assert r["scoring"]["length_grouped"] > r["scoring"]["pad_to_longest_unsorted"]

@@ -5,7 +5,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from poft_ds.data import ChatTokenizer, collate, load_rows, pad_token_id
+from poft_ds.data import ChatTokenizer, collate, pad_token_id
+from poft_ds.formats import load_rows
 from poft_ds.scoring import ResponseScorer
 
 

@@ -1,0 +1,120 @@
+"""Pre-flight checks on a job's data and chat templates, run on one process before any rank starts.
+
+`check_templates` proves every model's template can be masked (an error names the field);
+`inspect_data` tokenizes the data under every model and reports what is usable (`poft-ds data
+inspect`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from poft_ds.data import ChatTokenizer, tokenize_rows
+from poft_ds.formats import DataError, load_rows
+from poft_ds.spec import JobSpec, ModelSpec, SpecError
+
+PROBE = [
+    {"role": "system", "content": "You are helpful."},
+    {"role": "user", "content": "Hello?"},
+    {"role": "assistant", "content": "Hi."},
+    {"role": "user", "content": "Bye?"},
+    {"role": "assistant", "content": "Bye."},
+]
+
+
+def job_models(spec: JobSpec) -> list[tuple[str, str, ModelSpec]]:
+    """(field path, display name, model) for the target and every aligned model the job uses."""
+    out = [("model", "target", spec.model)]
+    if spec.objective.kind == "poft":
+        out += [(f"aligned_models[{i}]", m.name, m) for i, m in enumerate(spec.aligned_models)]
+    return out
+
+
+def load_tokenizer(model: ModelSpec) -> PreTrainedTokenizerBase:
+    """A model's tokenizer, with the spec's chat template applied when it overrides one."""
+    tok = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    if model.chat_template:
+        tok.chat_template = model.chat_template
+    return tok
+
+
+def check_templates(spec: JobSpec) -> None:
+    """Mask a probe conversation under every model's template; raise naming each model that fails.
+
+    Raises:
+        SpecError: listing every model whose tokenizer or chat template cannot be used.
+    """
+    problems = []
+    for field, name, model in job_models(spec):
+        try:
+            chat = ChatTokenizer(load_tokenizer(model), 10_000, model.chat_template)
+            _, reason = chat(PROBE)
+            if reason:
+                raise DataError(reason)
+            if not getattr(chat.tok, "is_fast", False):
+                raise DataError("a fast (Rust) tokenizer is needed for character offsets")
+        except (DataError, OSError, ValueError) as e:
+            problems.append(f"  {field}.chat_template: {name}'s template cannot be masked: {e}")
+    if problems:
+        raise SpecError("chat templates:\n" + "\n".join(problems))
+
+
+def render_mask(tok: PreTrainedTokenizerBase, ids: list[int], mask: list[bool]) -> str:
+    """A sample's text with the trained tokens wrapped in [[ ]]."""
+    out, run, inside = [], [], False
+    for i, m in zip(ids, mask):
+        if m != inside:
+            out.append(tok.decode(run))
+            out.append("[[" if m else "]]")
+            run, inside = [], m
+        run.append(i)
+    out.append(tok.decode(run) + ("]]" if inside else ""))
+    return "".join(out)
+
+
+def inspect_data(spec: JobSpec) -> dict[str, Any]:
+    """Tokenize the data under every model and report outcomes, lengths and one masked sample.
+
+    Returns:
+        A JSON-ready report: rows, per-model outcome counts with example rows and length
+        statistics, rows usable by every model, and whether the job would start.
+    """
+    rows = load_rows(spec.data.sources, spec.seed)
+    usable = [True] * len(rows)
+    models = {}
+    for field, name, model in job_models(spec):
+        tok = load_tokenizer(model)
+        samples, report = tokenize_rows(
+            rows, ChatTokenizer(tok, model.max_length, model.chat_template, model.truncation)
+        )
+        lengths = sorted(len(s.input_ids) for s in samples if s)
+        usable = [u and s is not None for u, s in zip(usable, samples)]
+        first = next((s for s in samples if s), None)
+        models[name] = {
+            "field": field,
+            "path": model.path,
+            "outcomes": {"ok": len(lengths), **report.counts},
+            "examples": report.examples,
+            "tokens": {
+                "min": lengths[0],
+                "median": statistics.median(lengths),
+                "p95": lengths[int(0.95 * (len(lengths) - 1))],
+                "max": lengths[-1],
+                "response_mean": statistics.mean(sum(s.response_mask) for s in samples if s),
+            }
+            if lengths
+            else None,
+            "masked_sample": render_mask(tok, first.input_ids, first.response_mask) if first else None,
+        }
+    bad = len(rows) - sum(usable)
+    return {
+        "rows": len(rows),
+        "usable_by_all_models": sum(usable),
+        "bad_fraction": bad / max(len(rows), 1),
+        "max_bad_fraction": spec.data.max_bad_fraction,
+        "would_start": bad / max(len(rows), 1) <= spec.data.max_bad_fraction,
+        "models": models,
+    }
