@@ -17,7 +17,7 @@ import sys
 import yaml
 
 from poft_ds.formats import DataError
-from poft_ds.spec import JobSpec, SpecError, load_spec
+from poft_ds.spec import JobSpec, SpecError, load_spec, scoring_spec
 
 
 def _load_checked(path: str) -> JobSpec:
@@ -101,6 +101,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score_worker(args: argparse.Namespace) -> int:
+    from poft_ds.job import run_rank
+
+    spec = scoring_spec(load_spec(args.spec))
+    os.environ.update(spec.env)
+    run_rank(spec, offline_scoring=True)
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from poft_ds.launchers import plan_launch, run_launch
+
+    spec = _load_checked(args.spec)
+    if not spec.aligned_models or not spec.score_store.enabled:
+        raise SpecError("aligned_models: offline scoring needs aligned models and score_store.enabled")
+    scoring = scoring_spec(spec)
+    plan = plan_launch(scoring, args.spec, command="score-worker")
+    print("+ " + shlex.join(plan.command), flush=True)
+    return run_launch(scoring, plan)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `poft-ds` console script."""
     parser = argparse.ArgumentParser(prog="poft-ds", description="PoFT fine-tuning on DeepSpeed.")
@@ -109,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         ("validate", _cmd_validate, "check a job spec and print it resolved"),
         ("launch", _cmd_launch, "start every rank of a job"),
         ("train", _cmd_train, "run this rank's part of a job (started by a launcher)"),
+        ("score", _cmd_score, "score every sample with the aligned models into the score store (offline)"),
+        ("score-worker", _cmd_score_worker, "a rank of `poft-ds score` (started by a launcher)"),
     ]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("spec", help="job spec (YAML)")

@@ -56,7 +56,7 @@ class Role:
 
 def role_layout(spec: JobSpec) -> list[tuple[str, str, int | None, int, int]]:
     """All roles of a job as (name, kind, model_index, first_global_rank, size), in rank order."""
-    layout = [("trainer", "trainer", None, 0, spec.trainer_ranks)]
+    layout = [("trainer", "trainer", None, 0, spec.trainer_ranks)] if spec.trainer_ranks else []
     start = spec.trainer_ranks
     if spec.objective.kind == "poft":
         for k, m in enumerate(spec.aligned_models):

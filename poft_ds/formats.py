@@ -17,6 +17,7 @@ nothing is dropped silently and every problem names its file and line.
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ class Row:
         messages: The conversation, or None when the row is unusable.
         problem: Why the row is unusable, or None.
         id: The row's `id` field when it has one.
+        ref_score: A precomputed reference score, when the data carries one.
     """
 
     source: str
@@ -62,6 +64,7 @@ class Row:
     messages: list[dict[str, str]] | None
     problem: str | None = None
     id: str | None = None
+    ref_score: float | None = None
 
     @property
     def where(self) -> str:
@@ -160,7 +163,9 @@ def to_messages(rec: Any, fmt: str, columns: dict[str, str]) -> tuple[list[dict[
     return msgs, None
 
 
-def read_source(path: str, fmt: str = "auto", columns: dict[str, str] | None = None) -> list[Row]:
+def read_source(
+    path: str, fmt: str = "auto", columns: dict[str, str] | None = None, score_column: str | None = None
+) -> list[Row]:
     """Every row of one file, usable or not, in file order.
 
     Raises:
@@ -183,7 +188,12 @@ def read_source(path: str, fmt: str = "auto", columns: dict[str, str] | None = N
         if problem is None:
             msgs, problem = to_messages(rec, fmt, columns)
         rid = rec.get(columns.get("id", "id")) if isinstance(rec, dict) else None
-        rows.append(Row(str(p), line, msgs, problem, str(rid) if rid is not None else None))
+        score = None
+        if score_column and problem is None:
+            score = rec.get(score_column)
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+                msgs, problem, score = None, f"no finite '{score_column}' score", None
+        rows.append(Row(str(p), line, msgs, problem, str(rid) if rid is not None else None, score))
     return rows
 
 
@@ -207,7 +217,7 @@ def apply_weight(rows: list[Row], weight: float, seed: int) -> list[Row]:
     return rows * whole + sorted(extra, key=lambda r: r.line)
 
 
-def load_rows(sources: list[Any], seed: int = 0) -> list[Row]:
+def load_rows(sources: list[Any], seed: int = 0, score_column: str | None = None) -> list[Row]:
     """Read every source of a job (paths, or `SourceSpec`s with format, columns and weight).
 
     Duplicate ids are checked over all sources before weighting; a weighted source's rows
@@ -216,9 +226,9 @@ def load_rows(sources: list[Any], seed: int = 0) -> list[Row]:
     read = []
     for src in sources:
         if isinstance(src, str):
-            read.append((read_source(src), 1.0))
+            read.append((read_source(src, score_column=score_column), 1.0))
         else:
-            read.append((read_source(src.path, src.format, src.columns), src.weight))
+            read.append((read_source(src.path, src.format, src.columns, score_column), src.weight))
     mark_duplicate_ids([r for rows, _ in read for r in rows])
     out: list[Row] = []
     for i, (rows, weight) in enumerate(read):

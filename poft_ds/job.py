@@ -20,6 +20,7 @@ from poft_ds.distributed import Worlds, init_worlds, shutdown
 from poft_ds.formats import DataError, load_rows
 from poft_ds.inspect import load_tokenizer
 from poft_ds.schedule import Schedule
+from poft_ds.score_store import sample_key
 from poft_ds.spec import JobSpec, ModelSpec
 
 
@@ -31,11 +32,15 @@ class PreparedData:
         samples: One entry per data row; None where this role's model cannot use the row.
         schedule: The batch order every rank agrees on.
         where: "file:line" of every row, for logs and score dumps.
+        keys: Content hash of every row (score store key); None for unusable rows.
+        ref_scores: Precomputed reference scores from the data (`data.reference_score_column`).
     """
 
     samples: list[TokenizedSample | None]
     schedule: Schedule
     where: list[str]
+    keys: list[str | None]
+    ref_scores: list[float | None]
 
 
 def model_of_role(spec: JobSpec, worlds: Worlds) -> ModelSpec:
@@ -54,7 +59,7 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
         DataError: naming the reasons and example rows when too many rows are unusable.
     """
     model = model_of_role(spec, worlds)
-    rows = load_rows(spec.data.sources, spec.seed)
+    rows = load_rows(spec.data.sources, spec.seed, spec.data.reference_score_column)
     if not rows:
         raise DataError(f"data.train_files: no rows in {spec.data.train_files}")
     samples, report = tokenize_rows(
@@ -104,11 +109,12 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
         if spec.data.group_by_length
         else None,
     )
-    if schedule.steps_per_epoch == 0:
+    if spec.trainer_ranks and schedule.steps_per_epoch == 0:
         raise DataError(
             f"training.global_batch_size: {t.global_batch_size} is larger than the {len(usable)} usable samples"
         )
-    return PreparedData(samples, schedule, [r.where for r in rows])
+    keys = [sample_key(r.messages) if r.messages else None for r in rows]
+    return PreparedData(samples, schedule, [r.where for r in rows], keys, [r.ref_score for r in rows])
 
 
 def save_resolved_spec(spec: JobSpec, folder: Path) -> None:
@@ -117,8 +123,13 @@ def save_resolved_spec(spec: JobSpec, folder: Path) -> None:
     (folder / "job.resolved.yaml").write_text(yaml.safe_dump(spec.public_dump(), sort_keys=False))
 
 
-def run_rank(spec: JobSpec) -> None:
-    """Run this process's part of a job, whatever its role."""
+def run_rank(spec: JobSpec, offline_scoring: bool = False) -> None:
+    """Run this process's part of a job, whatever its role.
+
+    Args:
+        spec: The job.
+        offline_scoring: Run `poft-ds score` (reference ranks fill the score store) instead of training.
+    """
     worlds = init_worlds(spec)
     torch.manual_seed(spec.seed)
     tokenizer = load_tokenizer(model_of_role(spec, worlds))
@@ -127,6 +138,10 @@ def run_rank(spec: JobSpec) -> None:
         from poft_ds.train import train
 
         train(spec, worlds, data, tokenizer)
+    elif offline_scoring:
+        from poft_ds.reference import score_dataset
+
+        score_dataset(spec, worlds, data, tokenizer)
     else:
         from poft_ds.reference import serve_scores
 

@@ -31,8 +31,8 @@ class Launch:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def _entry(spec_path: Path) -> list[str]:
-    return ["-m", "poft_ds.cli", "train", str(spec_path)]
+def _entry(spec_path: Path, command: str) -> list[str]:
+    return ["-m", "poft_ds.cli", command, str(spec_path)]
 
 
 def _launch_dir(spec: JobSpec) -> Path:
@@ -44,7 +44,7 @@ def render_hostfile(spec: JobSpec) -> str:
     return "".join(f"{h} slots={spec.topology.procs_per_node}\n" for h in spec.launcher.deepspeed.hosts)
 
 
-def render_sbatch(spec: JobSpec, spec_path: Path) -> str:
+def render_sbatch(spec: JobSpec, spec_path: Path, command: str = "train") -> str:
     """The sbatch script for a job, from launch/slurm.sbatch.j2."""
     s = spec.launcher.slurm
     template = jinja2.Template(
@@ -65,15 +65,17 @@ def render_sbatch(spec: JobSpec, spec_path: Path) -> str:
         master_port=spec.launcher.master_port,
         python=sys.executable,
         spec_path=str(spec_path),
+        command=command,
     )
 
 
-def plan_launch(spec: JobSpec, spec_path: str | os.PathLike[str]) -> Launch:
+def plan_launch(spec: JobSpec, spec_path: str | os.PathLike[str], command: str = "train") -> Launch:
     """The command (and files) that start every rank of a job.
 
     Args:
         spec: The validated job spec.
         spec_path: Its YAML file; every rank re-reads it.
+        command: The rank entry point: `train`, or `score-worker` for offline scoring.
     """
     spec_path = Path(spec_path).resolve()
     lau = spec.launcher
@@ -87,7 +89,7 @@ def plan_launch(spec: JobSpec, spec_path: str | os.PathLike[str]) -> Launch:
                 f"--nproc-per-node={topo.procs_per_node}",
                 f"--master-addr={lau.master_addr or '127.0.0.1'}",
                 f"--master-port={lau.master_port}",
-                *_entry(spec_path),
+                *_entry(spec_path, command),
             ]
         )
     if lau.kind == "deepspeed":
@@ -117,10 +119,10 @@ def plan_launch(spec: JobSpec, spec_path: str | os.PathLike[str]) -> Launch:
         # The runner as a module of this interpreter: the `deepspeed` script need not be on PATH.
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *where]
         cmd += [f"--master_port={lau.master_port}", "--no_local_rank", "--module"]
-        return Launch([*cmd, *_entry(spec_path)[1:]], files)
+        return Launch([*cmd, *_entry(spec_path, command)[1:]], files)
     if lau.kind == "slurm":
         script = _launch_dir(spec) / "job.sbatch"
-        return Launch(["sbatch", "--parsable", str(script)], {script: render_sbatch(spec, spec_path)})
+        return Launch(["sbatch", "--parsable", str(script)], {script: render_sbatch(spec, spec_path, command)})
     if lau.kind == "mpi":
         m = lau.mpi
         cmd = [m.mpirun, "-np", str(spec.world_size)]
@@ -134,7 +136,7 @@ def plan_launch(spec: JobSpec, spec_path: str | os.PathLike[str]) -> Launch:
         for name in [*env, "PATH", "PYTHONPATH", "DS_ACCELERATOR"]:
             if name in env or name in os.environ:
                 cmd += ["-x", name]
-        return Launch([*cmd, sys.executable, *_entry(spec_path)], env=env)
+        return Launch([*cmd, sys.executable, *_entry(spec_path, command)], env=env)
     raise SpecError(f"launcher.kind: unknown launcher {lau.kind!r}")
 
 

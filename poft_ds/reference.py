@@ -1,19 +1,23 @@
-"""Reference ranks: score every sample with one frozen aligned model and feed the trainers.
+"""Reference ranks: score samples with one frozen aligned model, online or offline.
 
 The ranks serving one aligned model share a ZeRO-3 inference engine (parameters sharded over
-them). For each optimizer step, rank j of the group scores the positions `p % ranks == j` of the
-step's global batch, in batches of similar length to cut padding, and sends each trainer the scores of the
-positions that trainer consumes. Sends are asynchronous; a rank runs at most
-`reference.prefetch_steps` steps ahead of the slowest trainer, then waits (with a timeout).
+them). Scores already in the score store are never computed again; new ones are written back.
+
+Online (`serve_scores`), for each optimizer step rank j of the group scores the positions
+`p % ranks == j` of the step's global batch, in batches of similar length to cut padding, and
+sends each trainer the scores of the positions that trainer consumes. Sends are asynchronous; a
+rank runs at most `reference.prefetch_steps` steps ahead of the slowest trainer, then waits (with
+a timeout). Offline (`score_dataset`, `poft-ds score`), the group scores every usable sample
+into the store, resuming where an earlier, interrupted run stopped.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 
 import torch
+import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from poft_ds.data import collate, pad_token_id
@@ -21,61 +25,158 @@ from poft_ds.distributed import Worlds, wait_send
 from poft_ds.ds_config import reference_config, resolve_precision
 from poft_ds.job import PreparedData
 from poft_ds.models import inference_engine, load_scorer
-from poft_ds.schedule import length_grouped_batches, reference_positions, shared_positions
+from poft_ds.schedule import first_trainer_of, length_grouped_batches, reference_positions, shared_positions
+from poft_ds.score_store import ScoreStore, model_fingerprint, scorer_id
 from poft_ds.spec import JobSpec
 
 
-def serve_scores(spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Score every step's samples for this rank's aligned model and send them to the trainers."""
-    role = worlds.role
-    model = spec.aligned_models[role.model_index]
-    precision = resolve_precision(spec, worlds.device)
-    ds_config = reference_config(spec, precision)
-    engine = inference_engine(load_scorer(model, ds_config, precision), ds_config)
-    pad = pad_token_id(tokenizer)
-    schedule = data.schedule
-    G, bs = schedule.global_batch, model.score_batch_size
-    # Every rank of a ZeRO-3 group must run the same number of forward passes (each one gathers
-    # the sharded parameters collectively), so ranks with fewer samples run empty passes.
-    passes_per_step = math.ceil(math.ceil(G / role.size) / bs)
-    dummy = collate([data.samples[schedule.usable[0]]], pad)
-    dummy.response_mask.zero_()
+class GroupScorer:
+    """One aligned model on one reference rank: the ZeRO-3 engine plus the store's scores."""
 
-    pending: deque[tuple[int, int, torch.Tensor, object]] = deque()
-    forward_passes = scored = 0
-    busy = 0.0
-    for step in range(schedule.total_steps):
-        rows = schedule.global_batch_at(step)
-        lengths = {p: len(data.samples[rows[p]].input_ids) for p in reference_positions(G, role.size, role.rank)}
-        batches = length_grouped_batches(list(lengths), lengths.__getitem__, bs)
-        scores: dict[int, float] = {}
+    def __init__(self, spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.worlds = worlds
+        self.data = data
+        self.model = spec.aligned_models[worlds.role.model_index]
+        precision = resolve_precision(spec, worlds.device)
+        self.store = None
+        self.known: dict[str, tuple[float, int]] = {}
+        if spec.score_store.enabled:
+            root = spec.score_store.resolved_dir(spec.run_dir)
+            fp = model_fingerprint(self.model.path, root / ".fingerprints.json")
+            template = self.model.chat_template or tokenizer.chat_template
+            sid = scorer_id(fp, template, self.model.max_length, self.model.truncation, precision)
+            about = {
+                "model": self.model.path,
+                "fingerprint": fp,
+                "max_length": self.model.max_length,
+                "truncation": self.model.truncation,
+                "precision": precision,
+                "chat_template": template,
+            }
+            self.store = ScoreStore(root, sid, about)
+            self.known = self.store.load()
+        self.preloaded = len(self.known)
+        ds_config = reference_config(spec, precision)
+        self.engine = inference_engine(load_scorer(self.model, ds_config, precision), ds_config)
+        self.pad = pad_token_id(tokenizer)
+        self.dummy = collate([data.samples[data.schedule.usable[0]]], self.pad)
+        self.dummy.response_mask.zero_()
+        self.unsaved: dict[str, tuple[float, int]] = {}
+        self.forward_passes = self.scored = 0
+        self.busy = 0.0
+
+    def score(self, rows: list[int]) -> tuple[dict[int, float], int]:
+        """Scores of data rows (store hits, then forward passes for the rest).
+
+        Every rank of the group must call this together: ZeRO-3 gathers the sharded parameters
+        collectively in each forward pass, so all ranks run as many passes as the busiest one
+        (the others run empty passes).
+
+        Returns:
+            (row -> score, forward passes this rank ran on real samples).
+        """
+        keys = self.data.keys
+        out = {r: self.known[keys[r]][0] for r in rows if keys[r] in self.known}
+        todo = [r for r in rows if r not in out]
+        batches = length_grouped_batches(
+            todo, lambda r: len(self.data.samples[r].input_ids), self.model.score_batch_size
+        )
+        passes = torch.tensor([len(batches)], dtype=torch.long)
+        if self.worlds.role.size > 1:
+            passes = passes.to(self.worlds.device)
+            dist.all_reduce(passes, op=dist.ReduceOp.MAX)
         t0 = time.perf_counter()
         with torch.no_grad():
-            for i in range(passes_per_step):
+            for i in range(int(passes.item())):
                 chunk = batches[i] if i < len(batches) else []
-                batch = (collate([data.samples[rows[p]] for p in chunk], pad) if chunk else dummy).to(worlds.device)
-                logp_sum, n_tokens = engine(batch.input_ids, batch.attention_mask, batch.response_mask)
-                if chunk:
-                    forward_passes += 1
-                    scored += len(chunk)
-                    values = (logp_sum / n_tokens).float().cpu().tolist()
-                    scores.update(zip(chunk, values))
-        busy += time.perf_counter() - t0
+                batch = collate([self.data.samples[r] for r in chunk], self.pad) if chunk else self.dummy
+                batch = batch.to(self.worlds.device)
+                logp_sum, n_tokens = self.engine(batch.input_ids, batch.attention_mask, batch.response_mask)
+                values = (logp_sum / n_tokens).double().cpu().tolist()
+                for r, v, n in zip(chunk, values, n_tokens.cpu().tolist()):
+                    out[r] = v
+                    self.known[keys[r]] = self.unsaved[keys[r]] = (v, n)
+        self.busy += time.perf_counter() - t0
+        self.forward_passes += len(batches)
+        self.scored += len(todo)
+        return out, len(batches)
 
+    def flush(self) -> None:
+        """Write the scores computed since the last flush to the store."""
+        if self.store is not None:
+            self.store.write(self.unsaved)
+        self.unsaved = {}
+
+    def summary(self) -> str:
+        role = self.worlds.role
+        return (
+            f"[poft-ds] {role.name} rank {role.rank}: {self.scored} samples scored in {self.forward_passes} "
+            f"forward passes ({self.busy:.1f}s), {self.preloaded} known from the score store"
+        )
+
+
+def serve_scores(spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Score every step's samples for this rank's aligned model and send them to the trainers.
+
+    Each message to a trainer holds the scores of the positions it consumes, then this rank's
+    forward passes and newly scored samples for the step (counted once, in the message to the
+    first trainer this rank serves), which the trainers log.
+    """
+    role = worlds.role
+    scorer = GroupScorer(spec, worlds, data, tokenizer)
+    schedule = data.schedule
+    G = schedule.global_batch
+    mine = reference_positions(G, role.size, role.rank)
+    counted_by = first_trainer_of(schedule, role.size, role.rank)
+    pending: deque[tuple[int, int, torch.Tensor, object]] = deque()
+    for step in range(schedule.total_steps):
+        rows = schedule.global_batch_at(step)
+        before = scorer.scored
+        by_row, passes = scorer.score(sorted({rows[p] for p in mine}))
+        counts = [float(passes), float(scorer.scored - before)]
         for trainer in range(spec.trainer_ranks):
             shared = shared_positions(schedule, trainer, role.size, role.rank)
             if shared:
-                t = torch.tensor([scores[p] for p in shared], dtype=torch.float32)
+                extra = counts if trainer == counted_by else [0.0, 0.0]
+                t = torch.tensor([by_row[rows[p]] for p in shared] + extra, dtype=torch.float64)
                 # Trainers are global ranks [0, trainer_ranks); keep the buffer alive until sent.
                 pending.append((step, trainer, t, worlds.send(t, trainer)))
         while pending and pending[0][0] <= step - spec.reference.prefetch_steps:
             _, trainer, _, work = pending.popleft()
-            wait_send(work, worlds, f"trainer rank {trainer} to take {model.name}'s scores")
+            wait_send(work, worlds, f"trainer rank {trainer} to take {scorer.model.name}'s scores")
+        if (step + 1) % spec.score_store.flush_every_steps == 0:
+            scorer.flush()
+    scorer.flush()
     while pending:
         _, trainer, _, work = pending.popleft()
-        wait_send(work, worlds, f"trainer rank {trainer} to take {model.name}'s scores")
-    print(
-        f"[poft-ds] {role.name} rank {role.rank}: scored {scored} samples in {forward_passes} forward passes, "
-        f"{busy:.1f}s busy",
-        flush=True,
-    )
+        wait_send(work, worlds, f"trainer rank {trainer} to take {scorer.model.name}'s scores")
+    print(scorer.summary(), flush=True)
+
+
+def score_dataset(spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Offline scoring: put every usable sample's score in the store, resuming after a crash.
+
+    Rank j of the group scores every `ranks`-th sample; scores are flushed to the store every
+    `score_store.flush_every_batches` batches, so a killed run loses at most that much work.
+    """
+    role = worlds.role
+    scorer = GroupScorer(spec, worlds, data, tokenizer)
+    usable = list(data.schedule.usable)
+    mine = usable[role.rank :: role.size]
+    left = [r for r in mine if data.keys[r] not in scorer.known]
+    step = scorer.model.score_batch_size * spec.score_store.flush_every_batches
+    # All ranks of a group loop the same number of times (collective forward passes).
+    rounds = torch.tensor([-(-len(left) // step)], dtype=torch.long)
+    if role.size > 1:
+        rounds = rounds.to(worlds.device)
+        dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
+    start = time.perf_counter()
+    for i in range(int(rounds.item())):
+        scorer.score(left[i * step : (i + 1) * step])
+        scorer.flush()
+        done = min((i + 1) * step, len(left))
+        if role.rank == 0:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            eta = (len(left) - done) / max(rate, 1e-9)
+            print(f"[poft-ds] {role.name}: {done}/{len(left)} new scores, ETA {eta:.0f}s", flush=True)
+    print(scorer.summary(), flush=True)

@@ -96,6 +96,11 @@ def shared_positions(schedule: Schedule, trainer: int, ranks: int, rank: int) ->
     return [p for p in schedule.trainer_positions(trainer) if p % ranks == rank]
 
 
+def first_trainer_of(schedule: Schedule, ranks: int, rank: int) -> int:
+    """The lowest trainer that reference rank `rank` (of `ranks`) sends scores to."""
+    return next(t for t in range(schedule.trainers) if shared_positions(schedule, t, ranks, rank))
+
+
 def length_grouped_batches(items: list[int], length: Callable[[int], int], batch_size: int) -> list[list[int]]:
     """Cut items into batches of similar length (sorted, longest first), to cut padding."""
     ordered = sorted(items, key=lambda i: -length(i))

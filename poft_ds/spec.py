@@ -73,6 +73,10 @@ class DataSpec(_Strict):
     max_bad_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="Refuse to start when more than this fraction of rows is unusable."
     )
+    reference_score_column: str | None = Field(
+        None,
+        description="Column with precomputed reference scores (e.g. mean_log_llm_probs); PoFT then needs no aligned models.",
+    )
     group_by_length: bool = Field(
         True, description="Inside each global batch, put samples of similar length in the same micro-batch."
     )
@@ -136,6 +140,20 @@ class ReferenceSpec(_Strict):
 
     prefetch_steps: int = Field(2, ge=1, description="Optimizer steps reference ranks may score ahead.")
     timeout_s: float = Field(600.0, gt=0.0, description="Longest wait for a peer before the job fails.")
+
+
+class ScoreStoreSpec(_Strict):
+    """Where reference scores are kept so that no score is ever computed twice."""
+
+    enabled: bool = True
+    dir: str | None = Field(
+        None, description="Store directory; share it between runs (default: <run_dir>/score_store)."
+    )
+    flush_every_steps: int = Field(10, ge=1, description="Online: write new scores every N optimizer steps.")
+    flush_every_batches: int = Field(16, ge=1, description="Offline (poft-ds score): write every N batches.")
+
+    def resolved_dir(self, run_dir: str) -> Path:
+        return Path(self.dir) if self.dir else Path(run_dir) / "score_store"
 
 
 class CheckpointSpec(_Strict):
@@ -207,6 +225,7 @@ class JobSpec(_Strict):
     topology: TopologySpec
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     reference: ReferenceSpec = Field(default_factory=ReferenceSpec)
+    score_store: ScoreStoreSpec = Field(default_factory=ScoreStoreSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     launcher: LauncherSpec = Field(default_factory=LauncherSpec)
@@ -252,8 +271,13 @@ class JobSpec(_Strict):
         names = [m.name for m in self.aligned_models]
         if len(set(names)) != len(names):
             problems.append(f"aligned_models: names must be unique, got {names}")
-        if self.objective.kind == "poft" and not self.aligned_models:
-            problems.append("aligned_models: objective.kind 'poft' needs at least one aligned model")
+        if self.objective.kind == "poft" and not self.aligned_models and not self.data.reference_score_column:
+            problems.append(
+                "aligned_models: objective.kind 'poft' needs at least one aligned model "
+                "(or data.reference_score_column with precomputed scores)"
+            )
+        if self.aligned_models and self.data.reference_score_column:
+            problems.append("data.reference_score_column: precomputed scores replace aligned_models; set only one")
         if self.trainer_ranks < 1:
             problems.append(
                 f"topology.procs_per_node: {self.world_size} processes leave no trainer rank after "
@@ -301,6 +325,14 @@ class JobSpec(_Strict):
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def scoring_spec(spec: JobSpec) -> JobSpec:
+    """The job as `poft-ds score` runs it: only the aligned models' reference ranks, on one node."""
+    topology = TopologySpec(nodes=1, procs_per_node=sum(m.ranks for m in spec.aligned_models))
+    scoring = spec.model_copy(update={"topology": topology})
+    scoring._templated = spec._templated
+    return scoring
 
 
 def _split_path(dotted: str) -> list[str | int]:
@@ -391,6 +423,8 @@ def load_spec(path: str | os.PathLike[str]) -> JobSpec:
 
     base = path.resolve().parent
     spec.run_dir = resolve_path(spec.run_dir, base)
+    if spec.score_store.dir:
+        spec.score_store.dir = resolve_path(spec.score_store.dir, base)
     spec.data.train_files = [src.model_copy(update={"path": resolve_path(src.path, base)}) for src in spec.data.sources]
     problems = []
     for where, m in [("model", spec.model)] + [(f"aligned_models[{i}]", a) for i, a in enumerate(spec.aligned_models)]:

@@ -28,7 +28,7 @@ from poft_ds.ds_config import resolve_precision, trainer_config
 from poft_ds.job import PreparedData, save_resolved_spec
 from poft_ds.loss import aggregate_reference_scores, poft_loss
 from poft_ds.models import load_scorer
-from poft_ds.schedule import Schedule, shared_positions
+from poft_ds.schedule import shared_positions
 from poft_ds.spec import JobSpec
 
 
@@ -61,29 +61,54 @@ def build_engine(spec: JobSpec, precision: str, total_steps: int) -> deepspeed.D
     return engine
 
 
-def receive_reference_scores(spec: JobSpec, worlds: Worlds, schedule: Schedule, step: int) -> torch.Tensor:
-    """This trainer's per-model scores for one step: [samples of this trainer, K], in position order."""
+def receive_reference_scores(
+    spec: JobSpec, worlds: Worlds, data: PreparedData, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This trainer's per-model scores for one step, and the reference ranks' work on it.
+
+    Returns:
+        (scores, counts): [samples of this trainer, K] float64 scores in position order, and
+        [2] = (reference forward passes, newly scored samples) reported to this trainer.
+    """
+    schedule = data.schedule
     trainer = worlds.role.rank
     positions = list(schedule.trainer_positions(trainer))
+    counts = torch.zeros(2, dtype=torch.float64)
+    if spec.data.reference_score_column:
+        rows = schedule.global_batch_at(step)
+        return torch.tensor([[data.ref_scores[rows[p]]] for p in positions], dtype=torch.float64), counts
     where = {p: i for i, p in enumerate(positions)}
-    scores = torch.full((len(positions), len(spec.aligned_models)), float("nan"))
+    scores = torch.full((len(positions), len(spec.aligned_models)), float("nan"), dtype=torch.float64)
     first = spec.trainer_ranks
     for k, model in enumerate(spec.aligned_models):
         for j in range(model.ranks):
             shared = shared_positions(schedule, trainer, model.ranks, j)
             if not shared:
                 continue
-            buf = torch.empty(len(shared), dtype=torch.float32)
+            buf = torch.empty(len(shared) + 2, dtype=torch.float64)
             worlds.recv(buf, first + j, f"step {step} scores of aligned model '{model.name}' (reference rank {j})")
-            scores[[where[p] for p in shared], k] = buf
+            scores[[where[p] for p in shared], k] = buf[:-2]
+            counts += buf[-2:]
         first += model.ranks
-    return scores
+    return scores, counts
 
 
 class StepStats:
     """Sums over one optimizer step's micro-batches, reduced over trainer ranks before logging."""
 
-    FIELDS = ("loss", "micro_batches", "samples", "weight", "s_target", "s_ref", "logp", "tokens", "real_tokens")
+    FIELDS = (
+        "loss",
+        "micro_batches",
+        "samples",
+        "weight",
+        "s_target",
+        "s_ref",
+        "logp",
+        "tokens",
+        "real_tokens",
+        "ref_forward_passes",
+        "ref_new_scores",
+    )
 
     def __init__(self, n_models: int) -> None:
         self.v = torch.zeros(len(self.FIELDS) + n_models, dtype=torch.float64)
@@ -111,6 +136,8 @@ def train(spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: PreTrain
     engine = build_engine(spec, precision, schedule.total_steps)
     pad = pad_token_id(tokenizer)
     names = [m.name for m in spec.aligned_models] if poft else []
+    if spec.data.reference_score_column:
+        names = [spec.data.reference_score_column]
     if rank == 0:
         save_resolved_spec(spec, run_dir)
         print(
@@ -153,9 +180,11 @@ def _train_steps(
         t_start = time.perf_counter()
         rows = schedule.global_batch_at(step)
         positions = list(schedule.trainer_positions(rank))
-        ref = receive_reference_scores(spec, worlds, schedule, step) if poft else None
-        waited = time.perf_counter() - t_start
         stats = StepStats(len(names))
+        if poft:
+            ref, counts = receive_reference_scores(spec, worlds, data, step)
+            stats.add(ref_forward_passes=counts[0], ref_new_scores=counts[1])
+        waited = time.perf_counter() - t_start
         for m in range(schedule.grad_accum):
             idx = [rows[p] for p in positions[m * mb : (m + 1) * mb]]
             batch = collate([data.samples[i] for i in idx], pad).to(worlds.device)
@@ -205,6 +234,7 @@ def _train_steps(
             }
             if poft:
                 rec |= {"poft_weight": s["weight"] / n, "s_ref": s["s_ref"] / n}
+                rec |= {"ref_forward_passes": int(s["ref_forward_passes"]), "ref_new_scores": int(s["ref_new_scores"])}
                 rec |= {f"s_ref/{name}": v / n for name, v in zip(names, s["per_model"])}
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
