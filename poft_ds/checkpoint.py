@@ -1,41 +1,156 @@
-"""Checkpoints and the final Hugging Face export."""
+"""Checkpoints that are never half-written, resume that falls back past a damaged one, and the
+final Hugging Face export.
+
+A checkpoint is written aside as `checkpoints/.tmp-step_N/` by every trainer rank (DeepSpeed
+shards: model, optimizer, scheduler; plus each rank's RNG state and the data position, which is
+the step). Rank 0 then records every file's size in `manifest.json`, renames the folder to
+`step_N` and only then points `latest` at it (written aside and renamed), and finally deletes
+checkpoints beyond `checkpoint.keep_last`. A crash at any moment leaves `latest` on a complete
+checkpoint. On resume the newest checkpoint whose files match their manifest is used; a damaged
+one is skipped with a warning.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import warnings
 from pathlib import Path
 
 import deepspeed
+import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from poft_ds.job import save_resolved_spec
 from poft_ds.spec import JobSpec
 
+MANIFEST = "manifest.json"
+
+
+def checkpoint_root(spec: JobSpec) -> Path:
+    return Path(spec.run_dir) / "checkpoints"
+
+
+def _tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
 
 def save_checkpoint(engine: deepspeed.DeepSpeedEngine, spec: JobSpec, step: int) -> Path:
-    """Write a DeepSpeed checkpoint (model, optimizer, scheduler shards) for optimizer step `step`.
+    """Write a complete checkpoint for optimizer step `step`; every trainer rank must call this.
 
-    Every trainer rank must call this. DeepSpeed writes `latest` after the shards.
+    Raises:
+        RuntimeError: when the checkpoint cannot be written (e.g. a full disk); the previous
+            checkpoint and `latest` are left as they were.
     """
-    root = Path(spec.run_dir) / "checkpoints"
-    tag = f"step_{step:08d}"
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
-    if dist.get_rank() == 0:
-        save_resolved_spec(spec, root / tag)
+    root = checkpoint_root(spec)
+    tag, tmp_tag = _tag(step), f".tmp-{_tag(step)}"
+    rank = dist.get_rank()
+    try:
+        if rank == 0:
+            shutil.rmtree(root / tmp_tag, ignore_errors=True)
+        dist.barrier()
+        state = {"step": step, "rng": torch.get_rng_state()}
+        engine.save_checkpoint(str(root), tag=tmp_tag, client_state=state, save_latest=False)
+        dist.barrier()
+        if rank == 0:
+            folder = root / tmp_tag
+            save_resolved_spec(spec, folder)
+            sizes = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+            _write_atomic(folder / MANIFEST, json.dumps({"step": step, "files": sizes}, indent=1))
+            shutil.rmtree(root / tag, ignore_errors=True)
+            os.replace(folder, root / tag)
+            _write_atomic(root / "latest", tag)
+            _prune(root, spec.checkpoint.keep_last)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        free = shutil.disk_usage(root).free if root.exists() else 0
+        raise RuntimeError(
+            f"[trainer rank {rank}] could not write checkpoint {tag} under {root} ({free} bytes free): {e}. "
+            f"The previous checkpoint ({_read_latest(root) or 'none'}) is intact; free space and resume."
+        ) from e
+    dist.barrier()
     return root / tag
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
+    for old in tags[:-keep_last]:
+        shutil.rmtree(root / old, ignore_errors=True)
+
+
+def _read_latest(root: Path) -> str | None:
+    try:
+        return (root / "latest").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def verify(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be used, or None when every file matches its manifest."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"no readable manifest ({e})"
+    for name, size in manifest["files"].items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} expected (truncated?)"
+    return None
+
+
+def newest_valid_checkpoint(spec: JobSpec) -> tuple[int, Path] | None:
+    """The newest checkpoint that verifies, trying `latest` first; damaged ones are warned about."""
+    root = checkpoint_root(spec)
+    candidates = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    latest = _read_latest(root)
+    if latest and (root / latest).is_dir():
+        candidates = [root / latest] + [c for c in candidates if c.name != latest]
+    for folder in candidates:
+        problem = verify(folder)
+        if problem is None:
+            return json.loads((folder / MANIFEST).read_text())["step"], folder
+        warnings.warn(f"checkpoint {folder} is damaged ({problem}); falling back to an older one", stacklevel=2)
+    return None
+
+
+def load_checkpoint(engine: deepspeed.DeepSpeedEngine, folder: Path) -> int:
+    """Restore model, optimizer, scheduler and RNG state; returns the step to continue from."""
+    _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    if client is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {folder}")
+    torch.set_rng_state(client["rng"])
+    return int(client["step"])
 
 
 def export_hf_model(engine: deepspeed.DeepSpeedEngine, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
     """Gather the ZeRO-3 shards and write a Hugging Face model directory (safetensors + tokenizer).
 
-    Every trainer rank must call this (the gather is collective); rank 0 writes.
+    Every trainer rank must call this (the gather is collective); rank 0 writes, aside first.
     """
     # Gathers one layer at a time, so no rank holds two copies of the model.
     state = engine._zero3_consolidated_16bit_state_dict()
     if dist.get_rank() == 0:
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise RuntimeError(f"refusing to export non-finite weights ({bad[:3]}...)")
         lm = engine.module.lm
         state = {k.removeprefix("lm."): v for k, v in state.items()}
-        out.mkdir(parents=True, exist_ok=True)
-        lm.save_pretrained(out, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
     dist.barrier()

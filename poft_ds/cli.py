@@ -93,11 +93,15 @@ def _cmd_bench_padding(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from poft_ds.distributed import EXIT_PREEMPTED, Preempted
     from poft_ds.job import run_rank
 
     spec = load_spec(args.spec)
     os.environ.update(spec.env)
-    run_rank(spec)
+    try:
+        run_rank(spec)
+    except Preempted:
+        return EXIT_PREEMPTED
     return 0
 
 

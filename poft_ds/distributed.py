@@ -18,8 +18,10 @@ from __future__ import annotations
 import datetime
 import importlib
 import os
+import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import deepspeed
@@ -167,16 +169,19 @@ class Worlds:
 
     def recv(self, t: torch.Tensor, src: int, what: str) -> None:
         """Receive a CPU tensor from global rank `src`, failing after the timeout with `what`."""
-        _wait(self.bridge.recv([t], src, 0), self, f"{what} from global rank {src}")
+        _wait(lambda: self.bridge.recv([t], src, 0), self, f"{what} from global rank {src}")
 
 
-def _wait(work: dist.Work, worlds: Worlds, what: str) -> None:
+def _wait(work: dist.Work | Callable[[], dist.Work], worlds: Worlds, what: str) -> None:
+    """Wait for a bridge operation; any failure (timeout, dead peer) names this rank and what it awaited."""
     try:
-        work.wait(worlds.timeout)
+        (work() if callable(work) else work).wait(worlds.timeout)
     except RuntimeError as e:
-        raise TimeoutError(
-            f"[rank {worlds.identity.global_rank} {worlds.role.name}] gave up waiting for {what} "
-            f"after {worlds.timeout.total_seconds():.0f}s (reference.timeout_s): {e}"
+        lost = "closed" in str(e).lower() or "reset" in str(e).lower()
+        raise RuntimeError(
+            f"[rank {worlds.identity.global_rank} {worlds.role.name}] "
+            + (f"lost the peer while waiting for {what}" if lost else f"gave up waiting for {what}")
+            + f" (timeout {worlds.timeout.total_seconds():.0f}s, reference.timeout_s): {e}"
         ) from e
 
 
@@ -264,6 +269,47 @@ def init_worlds(spec: JobSpec) -> Worlds:
         flush=True,
     )
     return Worlds(role=role, identity=ident, bridge=bridge, timeout=timeout, device=device)
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; run again to resume
+PREEMPTED_MARKER = "PREEMPTED"
+_stop_requested = False
+
+
+class Preempted(Exception):
+    """The job was asked to stop (SIGTERM / SIGUSR1) and has written a checkpoint."""
+
+
+def _request_stop(signum: int, frame: object) -> None:
+    global _stop_requested
+    _stop_requested = True
+    print(f"[poft-ds] received signal {signum}: stopping after the current step", flush=True)
+
+
+def install_preemption_handlers() -> None:
+    """SIGTERM and SIGUSR1 (Slurm's --signal) ask for a checkpoint and a clean stop."""
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGUSR1, _request_stop)
+
+
+def preemption_requested(worlds: Worlds) -> bool:
+    """Whether any rank of this role was asked to stop (collective over the role world)."""
+    flag = torch.tensor([1.0 if _stop_requested else 0.0], device=worlds.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def local_stop_requested() -> bool:
+    return _stop_requested
+
+
+def bridge_broadcast_int(worlds: Worlds, value: int) -> int:
+    """Global rank 0's value of an integer, on every rank of the job."""
+    t = torch.tensor([value], dtype=torch.long)
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    _wait(worlds.bridge.broadcast([t], opts), worlds, "global rank 0's decision")
+    return int(t.item())
 
 
 def shutdown(worlds: Worlds) -> None:

@@ -16,7 +16,7 @@ import yaml
 from transformers import PreTrainedTokenizerBase
 
 from poft_ds.data import ChatTokenizer, TokenizedSample, tokenize_rows
-from poft_ds.distributed import Worlds, init_worlds, shutdown
+from poft_ds.distributed import Worlds, bridge_broadcast_int, init_worlds, install_preemption_handlers, shutdown
 from poft_ds.formats import DataError, load_rows
 from poft_ds.inspect import load_tokenizer
 from poft_ds.schedule import Schedule
@@ -117,6 +117,25 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
     return PreparedData(samples, schedule, [r.where for r in rows], keys, [r.ref_score for r in rows])
 
 
+def agree_on_resume_step(spec: JobSpec, worlds: Worlds) -> int:
+    """The step every rank continues from: global rank 0 (trainer 0) picks the newest verified
+    checkpoint (`checkpoint.resume: auto`), or 0; the choice is broadcast to all ranks.
+
+    Raises:
+        RuntimeError: with `checkpoint.resume: required` and no usable checkpoint.
+    """
+    from poft_ds.checkpoint import newest_valid_checkpoint
+
+    step = 0
+    if worlds.identity.global_rank == 0 and spec.checkpoint.resume != "never":
+        found = newest_valid_checkpoint(spec)
+        step = found[0] if found else 0
+    step = bridge_broadcast_int(worlds, step)
+    if step == 0 and spec.checkpoint.resume == "required":
+        raise RuntimeError(f"checkpoint.resume: required, but {spec.run_dir}/checkpoints has no usable checkpoint")
+    return step
+
+
 def save_resolved_spec(spec: JobSpec, folder: Path) -> None:
     """Write the resolved spec (what actually ran) as YAML."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -130,14 +149,17 @@ def run_rank(spec: JobSpec, offline_scoring: bool = False) -> None:
         spec: The job.
         offline_scoring: Run `poft-ds score` (reference ranks fill the score store) instead of training.
     """
+    install_preemption_handlers()
     worlds = init_worlds(spec)
     torch.manual_seed(spec.seed)
     tokenizer = load_tokenizer(model_of_role(spec, worlds))
     data = prepare_data(spec, worlds, tokenizer)
+    start = 0 if offline_scoring else agree_on_resume_step(spec, worlds)
     if worlds.role.kind == "trainer":
+        from poft_ds.checkpoint import checkpoint_root
         from poft_ds.train import train
 
-        train(spec, worlds, data, tokenizer)
+        train(spec, worlds, data, tokenizer, checkpoint_root(spec) / f"step_{start:08d}" if start else None)
     elif offline_scoring:
         from poft_ds.reference import score_dataset
 
@@ -145,5 +167,5 @@ def run_rank(spec: JobSpec, offline_scoring: bool = False) -> None:
     else:
         from poft_ds.reference import serve_scores
 
-        serve_scores(spec, worlds, data, tokenizer)
+        serve_scores(spec, worlds, data, tokenizer, start)
     shutdown(worlds)

@@ -62,6 +62,8 @@ def render_sbatch(spec: JobSpec, spec_path: Path, command: str = "train") -> str
         overcommit=s.overcommit,
         extra_sbatch=s.extra_sbatch,
         srun_args=s.srun_args,
+        signal_seconds=s.signal_seconds,
+        run_dir=spec.run_dir,
         master_port=spec.launcher.master_port,
         python=sys.executable,
         spec_path=str(spec_path),
@@ -163,7 +165,15 @@ def run_launch(spec: JobSpec, plan: Launch) -> int:
     if not Path(tool).is_absolute() and shutil.which(tool, path=env.get("PATH")) is None:
         raise SpecError(f"launcher.kind: {tool!r} is not on PATH")
     if spec.launcher.kind != "slurm":
-        return subprocess.call(plan.command, env=env)
+        code = subprocess.call(plan.command, env=env)
+        if code != 0:
+            print(
+                f"[poft-ds] the job failed (exit {code}); {role_map(spec)}. The report above names the "
+                "rank that failed first.",
+                file=sys.stderr,
+                flush=True,
+            )
+        return code
     (Path(spec.run_dir) / "slurm").mkdir(parents=True, exist_ok=True)  # Slurm does not create it
     proc = subprocess.run(plan.command, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -173,6 +183,17 @@ def run_launch(spec: JobSpec, plan: Launch) -> int:
     print(f"[poft-ds] submitted Slurm job {job_id}; logs: {Path(spec.run_dir) / 'slurm'}/*-{job_id}.out")
     print(job_id)
     return 0
+
+
+def role_map(spec: JobSpec) -> str:
+    """'global ranks 0-1: trainer, 2: ref/zephyr' for error messages."""
+    from poft_ds.distributed import role_layout
+
+    parts = []
+    for name, _, _, first, size in role_layout(spec):
+        ranks = str(first) if size == 1 else f"{first}-{first + size - 1}"
+        parts.append(f"{ranks}: {name}")
+    return "global ranks " + ", ".join(parts)
 
 
 def _has_cuda() -> bool:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from poft_ds.data import collate, pad_token_id
-from poft_ds.distributed import Worlds, wait_send
+from poft_ds.distributed import Worlds, local_stop_requested, wait_send
 from poft_ds.ds_config import reference_config, resolve_precision
 from poft_ds.job import PreparedData
 from poft_ds.models import inference_engine, load_scorer
@@ -115,7 +115,9 @@ class GroupScorer:
         )
 
 
-def serve_scores(spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: PreTrainedTokenizerBase) -> None:
+def serve_scores(
+    spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: PreTrainedTokenizerBase, start: int = 0
+) -> None:
     """Score every step's samples for this rank's aligned model and send them to the trainers.
 
     Each message to a trainer holds the scores of the positions it consumes, then this rank's
@@ -129,7 +131,8 @@ def serve_scores(spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: P
     mine = reference_positions(G, role.size, role.rank)
     counted_by = first_trainer_of(schedule, role.size, role.rank)
     pending: deque[tuple[int, int, torch.Tensor, object]] = deque()
-    for step in range(schedule.total_steps):
+    flushed_on_signal = False
+    for step in range(start, schedule.total_steps):
         rows = schedule.global_batch_at(step)
         before = scorer.scored
         by_row, passes = scorer.score(sorted({rows[p] for p in mine}))
@@ -144,8 +147,10 @@ def serve_scores(spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: P
         while pending and pending[0][0] <= step - spec.reference.prefetch_steps:
             _, trainer, _, work = pending.popleft()
             wait_send(work, worlds, f"trainer rank {trainer} to take {scorer.model.name}'s scores")
-        if (step + 1) % spec.score_store.flush_every_steps == 0:
+        # On SIGTERM/SIGUSR1 save new scores at once; keep serving until the trainers checkpoint.
+        if (step + 1) % spec.score_store.flush_every_steps == 0 or (local_stop_requested() and not flushed_on_signal):
             scorer.flush()
+            flushed_on_signal = local_stop_requested()
     scorer.flush()
     while pending:
         _, trainer, _, work = pending.popleft()

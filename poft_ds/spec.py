@@ -158,6 +158,10 @@ class ScoreStoreSpec(_Strict):
 
 class CheckpointSpec(_Strict):
     every_steps: int = Field(100, ge=1, description="Write a DeepSpeed checkpoint every N optimizer steps.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted after a new one is complete.")
+    resume: Literal["auto", "required", "never"] = Field(
+        "auto", description="auto: continue from the newest usable checkpoint in run_dir when there is one."
+    )
     save_final_model: bool = Field(True, description="Export a Hugging Face model directory at the end.")
 
 
@@ -191,6 +195,9 @@ class SlurmLauncherSpec(_Strict):
     extra_sbatch: list[str] = Field(default_factory=list, description="Further #SBATCH lines, e.g. --qos=high.")
     srun_args: list[str] = Field(default_factory=list)
     job_name: str | None = Field(None, description="Defaults to the run directory's name.")
+    signal_seconds: int | None = Field(
+        120, ge=1, description="Slurm sends SIGUSR1 this long before the time limit: checkpoint, then requeue."
+    )
 
 
 class MpiLauncherSpec(_Strict):

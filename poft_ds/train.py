@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import TextIO
@@ -21,9 +22,9 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
-from poft_ds.checkpoint import export_hf_model, save_checkpoint
+from poft_ds.checkpoint import checkpoint_root, export_hf_model, load_checkpoint, save_checkpoint
 from poft_ds.data import collate, pad_token_id
-from poft_ds.distributed import Worlds
+from poft_ds.distributed import PREEMPTED_MARKER, Preempted, Worlds, preemption_requested
 from poft_ds.ds_config import resolve_precision, trainer_config
 from poft_ds.job import PreparedData, save_resolved_spec
 from poft_ds.loss import aggregate_reference_scores, poft_loss
@@ -126,8 +127,25 @@ class StepStats:
         return dict(zip(self.FIELDS, v[: len(self.FIELDS)].tolist())) | {"per_model": v[len(self.FIELDS) :].tolist()}
 
 
-def train(spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Train the target model for the whole schedule; checkpoint and export as the spec says."""
+def train(
+    spec: JobSpec,
+    worlds: Worlds,
+    data: PreparedData,
+    tokenizer: PreTrainedTokenizerBase,
+    resume_from: Path | None = None,
+) -> None:
+    """Train the target model for the whole schedule; checkpoint and export as the spec says.
+
+    Args:
+        spec: The job.
+        worlds: This rank's process groups.
+        data: The tokenized data and schedule.
+        tokenizer: The target's tokenizer (saved with the final model).
+        resume_from: A verified checkpoint folder to continue from.
+
+    Raises:
+        Preempted: after writing a checkpoint, when SIGTERM or SIGUSR1 asked the job to stop.
+    """
     run_dir = Path(spec.run_dir)
     rank = worlds.role.rank
     schedule = data.schedule
@@ -138,8 +156,12 @@ def train(spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: PreTrain
     names = [m.name for m in spec.aligned_models] if poft else []
     if spec.data.reference_score_column:
         names = [spec.data.reference_score_column]
+    start = load_checkpoint(engine, resume_from) if resume_from else 0
     if rank == 0:
         save_resolved_spec(spec, run_dir)
+        if start:
+            _truncate_metrics(run_dir / "metrics.jsonl", start)
+            print(f"[poft-ds] resumed from {resume_from} at step {start}", flush=True)
         print(
             f"[poft-ds] training {schedule.total_steps} steps: {len(schedule.usable)} samples, "
             f"global batch {schedule.global_batch} = {schedule.trainers} trainers x {schedule.micro_batch} micro "
@@ -153,7 +175,7 @@ def train(spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: PreTrain
         if spec.logging.dump_scores:
             (run_dir / "scores").mkdir(parents=True, exist_ok=True)
             dump = files.enter_context(open(run_dir / "scores" / f"trainer{rank}.jsonl", "a"))
-        _train_steps(spec, worlds, data, engine, pad, names, metrics, dump)
+        _train_steps(spec, worlds, data, engine, pad, names, metrics, dump, start)
     if spec.checkpoint.save_final_model:
         export_hf_model(engine, tokenizer, run_dir / "final_model")
     if rank == 0:
@@ -169,14 +191,15 @@ def _train_steps(
     names: list[str],
     metrics: TextIO | None,
     dump: TextIO | None,
+    start: int,
 ) -> None:
-    """The optimizer steps of the schedule, with logging and periodic checkpoints."""
+    """The optimizer steps of the schedule from `start`, with logging and periodic checkpoints."""
     rank = worlds.role.rank
     schedule = data.schedule
     poft = spec.objective.kind == "poft"
 
     mb = schedule.micro_batch
-    for step in range(schedule.total_steps):
+    for step in range(start, schedule.total_steps):
         t_start = time.perf_counter()
         rows = schedule.global_batch_at(step)
         positions = list(schedule.trainer_positions(rank))
@@ -200,6 +223,7 @@ def _train_steps(
             else:
                 # Token-level cross-entropy over the micro-batch's response tokens.
                 loss = -logp_sum.sum() / n_tokens.sum()
+            _stop_if_nonfinite(loss, step, m, worlds)
             engine.backward(loss)
             engine.step()
             stats.add(
@@ -218,6 +242,12 @@ def _train_steps(
                         rec["scores"] = dict(zip(names, ref_m[j].tolist()))
                     dump.write(json.dumps(rec) + "\n")
         s = stats.reduced(worlds.device)
+        grad_norm = float(engine.get_global_grad_norm() or 0.0)
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(
+                f"step {step + 1}: the gradient norm is {grad_norm}; stopping before any checkpoint holds "
+                f"non-finite weights (the last good one is in {checkpoint_root(spec)})"
+            )
         elapsed = time.perf_counter() - t_start
         if metrics is not None and ((step + 1) % spec.logging.every_steps == 0 or step + 1 == schedule.total_steps):
             n = s["samples"]
@@ -228,7 +258,7 @@ def _train_steps(
                 "cross_entropy": -s["logp"] / s["tokens"],
                 "s_target": s["s_target"] / n,
                 "lr": engine.get_lr()[0],
-                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "grad_norm": grad_norm,
                 "tokens_per_s": s["real_tokens"] / elapsed,
                 "wait_for_scores_s": waited,
             }
@@ -242,5 +272,29 @@ def _train_steps(
                 "[poft-ds] " + " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()),
                 flush=True,
             )
-        if (step + 1) % spec.checkpoint.every_steps == 0 or step + 1 == schedule.total_steps:
+        stop = preemption_requested(worlds)
+        if (step + 1) % spec.checkpoint.every_steps == 0 or step + 1 == schedule.total_steps or stop:
             save_checkpoint(engine, spec, step + 1)
+        if stop and step + 1 < schedule.total_steps:
+            if rank == 0:
+                (Path(spec.run_dir) / PREEMPTED_MARKER).write_text(str(step + 1))
+                print(f"[poft-ds] preempted: checkpoint at step {step + 1} written; exiting", flush=True)
+            raise Preempted(step + 1)
+
+
+def _stop_if_nonfinite(loss: torch.Tensor, step: int, micro: int, worlds: Worlds) -> None:
+    """Stop every trainer before a non-finite loss reaches the weights."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0], device=worlds.device)
+    dist.all_reduce(bad)
+    if bad.item():
+        raise FloatingPointError(
+            f"step {step + 1}, micro-batch {micro}: non-finite loss on {int(bad.item())} trainer rank(s); "
+            "stopped before the update (weights and checkpoints are untouched)"
+        )
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint a run resumes from (they will be logged again)."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))

@@ -174,3 +174,31 @@ def test_slurm_submission_completes_with_a_complete_run_dir(slurm_cluster, asset
     assert "global_rank=2/3 role=ref/zephyr" in log
     assert_complete(tmp_path / "run")
     assert json.loads((tmp_path / "run" / "data_report" / "trainer.json").read_text())["rows"] == 96
+
+
+def test_slurm_sigterm_checkpoints_requeues_and_completes(slurm_cluster, assets: Path, tmp_path: Path) -> None:
+    spec = small_job(assets, tmp_path / "run")
+    spec["training"]["max_steps"] = 10
+    spec["checkpoint"] = {"every_steps": 100, "save_final_model": False}
+    spec["launcher"] |= {"kind": "slurm", "slurm": {"overcommit": True}}
+    proc = launch(write_spec(spec, tmp_path / "job.yaml"), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = proc.stdout.strip().splitlines()[-1]
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert time.time() < deadline and _job_state(job_id) in ("PENDING", "RUNNING", "CONFIGURING")
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
+    while (state := _job_state(job_id)) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+        assert time.time() < deadline, f"Slurm job {job_id} still {state}"
+        if state == "PENDING":  # Slurm delays a requeued job's start by default; not worth waiting for here
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
+        time.sleep(1)
+    log = next((tmp_path / "run" / "slurm").glob(f"*-{job_id}.out")).read_text()
+    assert state == "COMPLETED", log[-4000:]
+    assert "preempted: checkpoint at step" in log and "requeueing job" in log and "resumed from" in log
+    info = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    assert "Restarts=1" in info
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == list(range(1, 11))
+    assert not (tmp_path / "run" / "PREEMPTED").exists()
