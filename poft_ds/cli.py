@@ -48,7 +48,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     from poft_ds.launchers import plan_launch, run_launch
 
     spec = _load_checked(args.spec)
-    plan = plan_launch(spec, args.spec)
+    plan = plan_launch(spec, args.spec, extra=("--resume",) if args.resume else ())
     for path, text in plan.files.items():
         print(f"# {path}\n{text}", end="" if text.endswith("\n") else "\n")
     print("+ " + shlex.join(plan.command), flush=True)
@@ -97,6 +97,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from poft_ds.job import run_rank
 
     spec = load_spec(args.spec)
+    if args.resume:
+        spec.checkpoint.resume = "required"
     os.environ.update(spec.env)
     try:
         run_rank(spec)
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(fn=fn)
         if name == "launch":
             p.add_argument("--dry-run", action="store_true", help="print the command, start nothing")
+        if name in ("launch", "train"):
+            p.add_argument("--resume", action="store_true", help="fail unless a checkpoint can be resumed")
     sub.add_parser("schema", help="print the job spec's JSON schema").set_defaults(fn=_cmd_schema)
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("inspect", help="tokenize the data under every model and report what is usable")

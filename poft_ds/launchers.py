@@ -31,8 +31,8 @@ class Launch:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def _entry(spec_path: Path, command: str) -> list[str]:
-    return ["-m", "poft_ds.cli", command, str(spec_path)]
+def _entry(spec_path: Path, command: str, extra: tuple[str, ...] = ()) -> list[str]:
+    return ["-m", "poft_ds.cli", command, str(spec_path), *extra]
 
 
 def _launch_dir(spec: JobSpec) -> Path:
@@ -44,7 +44,7 @@ def render_hostfile(spec: JobSpec) -> str:
     return "".join(f"{h} slots={spec.topology.procs_per_node}\n" for h in spec.launcher.deepspeed.hosts)
 
 
-def render_sbatch(spec: JobSpec, spec_path: Path, command: str = "train") -> str:
+def render_sbatch(spec: JobSpec, spec_path: Path, command: str = "train", extra: tuple[str, ...] = ()) -> str:
     """The sbatch script for a job, from launch/slurm.sbatch.j2."""
     s = spec.launcher.slurm
     template = jinja2.Template(
@@ -68,16 +68,20 @@ def render_sbatch(spec: JobSpec, spec_path: Path, command: str = "train") -> str
         python=sys.executable,
         spec_path=str(spec_path),
         command=command,
+        extra=extra,
     )
 
 
-def plan_launch(spec: JobSpec, spec_path: str | os.PathLike[str], command: str = "train") -> Launch:
+def plan_launch(
+    spec: JobSpec, spec_path: str | os.PathLike[str], command: str = "train", extra: tuple[str, ...] = ()
+) -> Launch:
     """The command (and files) that start every rank of a job.
 
     Args:
         spec: The validated job spec.
         spec_path: Its YAML file; every rank re-reads it.
         command: The rank entry point: `train`, or `score-worker` for offline scoring.
+        extra: Further arguments for every rank (e.g. `--resume`).
     """
     spec_path = Path(spec_path).resolve()
     lau = spec.launcher
@@ -91,7 +95,7 @@ def plan_launch(spec: JobSpec, spec_path: str | os.PathLike[str], command: str =
                 f"--nproc-per-node={topo.procs_per_node}",
                 f"--master-addr={lau.master_addr or '127.0.0.1'}",
                 f"--master-port={lau.master_port}",
-                *_entry(spec_path, command),
+                *_entry(spec_path, command, extra),
             ]
         )
     if lau.kind == "deepspeed":
@@ -121,10 +125,10 @@ def plan_launch(spec: JobSpec, spec_path: str | os.PathLike[str], command: str =
         # The runner as a module of this interpreter: the `deepspeed` script need not be on PATH.
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *where]
         cmd += [f"--master_port={lau.master_port}", "--no_local_rank", "--module"]
-        return Launch([*cmd, *_entry(spec_path, command)[1:]], files)
+        return Launch([*cmd, *_entry(spec_path, command, extra)[1:]], files)
     if lau.kind == "slurm":
         script = _launch_dir(spec) / "job.sbatch"
-        return Launch(["sbatch", "--parsable", str(script)], {script: render_sbatch(spec, spec_path, command)})
+        return Launch(["sbatch", "--parsable", str(script)], {script: render_sbatch(spec, spec_path, command, extra)})
     if lau.kind == "mpi":
         m = lau.mpi
         cmd = [m.mpirun, "-np", str(spec.world_size)]
@@ -138,7 +142,7 @@ def plan_launch(spec: JobSpec, spec_path: str | os.PathLike[str], command: str =
         for name in [*env, "PATH", "PYTHONPATH", "DS_ACCELERATOR"]:
             if name in env or name in os.environ:
                 cmd += ["-x", name]
-        return Launch([*cmd, sys.executable, *_entry(spec_path, command)], env=env)
+        return Launch([*cmd, sys.executable, *_entry(spec_path, command, extra)], env=env)
     raise SpecError(f"launcher.kind: unknown launcher {lau.kind!r}")
 
 

@@ -115,6 +115,9 @@ class TrainingSpec(_Strict):
         None, ge=1, description="Derived from the batch sizes; when set it must agree with them."
     )
     gradient_checkpointing: bool = False
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="A non-finite loss: stop before the update, or skip that micro-batch and count it."
+    )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="`auto`: bf16 on GPUs that support it, fp32 otherwise (CPU)."
     )

@@ -109,6 +109,7 @@ class StepStats:
         "real_tokens",
         "ref_forward_passes",
         "ref_new_scores",
+        "skipped_micro_batches",
     )
 
     def __init__(self, n_models: int) -> None:
@@ -223,7 +224,14 @@ def _train_steps(
             else:
                 # Token-level cross-entropy over the micro-batch's response tokens.
                 loss = -logp_sum.sum() / n_tokens.sum()
-            _stop_if_nonfinite(loss, step, m, worlds)
+            if _nonfinite_anywhere(loss, step, m, worlds, spec.training.on_nonfinite):
+                # Skipped: a zero loss keeps ZeRO-3's collectives in step on every trainer and adds
+                # nothing to the gradients (non-finite activations would still poison them, and the
+                # gradient-norm check below then stops the job).
+                engine.backward((torch.nan_to_num(logp_sum) * 0.0).sum())
+                engine.step()
+                stats.add(skipped_micro_batches=1)
+                continue
             engine.backward(loss)
             engine.step()
             stats.add(
@@ -250,13 +258,14 @@ def _train_steps(
             )
         elapsed = time.perf_counter() - t_start
         if metrics is not None and ((step + 1) % spec.logging.every_steps == 0 or step + 1 == schedule.total_steps):
-            n = s["samples"]
+            n = s["samples"] or float("nan")  # nan when every micro-batch was skipped
             rec = {
                 "step": step + 1,
                 "epoch": schedule.epoch_of(step),
-                "loss": s["loss"] / s["micro_batches"],
-                "cross_entropy": -s["logp"] / s["tokens"],
+                "loss": s["loss"] / (s["micro_batches"] or float("nan")),
+                "cross_entropy": -s["logp"] / (s["tokens"] or float("nan")),
                 "s_target": s["s_target"] / n,
+                "skipped_micro_batches": int(s["skipped_micro_batches"]),
                 "lr": engine.get_lr()[0],
                 "grad_norm": grad_norm,
                 "tokens_per_s": s["real_tokens"] / elapsed,
@@ -282,15 +291,17 @@ def _train_steps(
             raise Preempted(step + 1)
 
 
-def _stop_if_nonfinite(loss: torch.Tensor, step: int, micro: int, worlds: Worlds) -> None:
-    """Stop every trainer before a non-finite loss reaches the weights."""
+def _nonfinite_anywhere(loss: torch.Tensor, step: int, micro: int, worlds: Worlds, policy: str) -> bool:
+    """Whether any trainer's loss is non-finite (collective); under policy `stop`, raise instead."""
     bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0], device=worlds.device)
     dist.all_reduce(bad)
-    if bad.item():
+    if bad.item() and policy == "stop":
         raise FloatingPointError(
             f"step {step + 1}, micro-batch {micro}: non-finite loss on {int(bad.item())} trainer rank(s); "
-            "stopped before the update (weights and checkpoints are untouched)"
+            "stopped before the update (weights and checkpoints are untouched; training.on_nonfinite: skip "
+            "skips such micro-batches instead)"
         )
+    return bool(bad.item())
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -241,8 +241,11 @@ def test_json_and_parquet_files_load_like_jsonl(tmp_path: Path, assets: Path) ->
 
     rows = [json.loads(x) for x in (assets / "data" / "train.jsonl").read_text().splitlines()[:5]]
     (tmp_path / "d.json").write_text(json.dumps(rows))
-    datasets.Dataset.from_list([{"messages": r["messages"]} for r in rows]).to_parquet(str(tmp_path / "d.parquet"))
-    for name in ("d.json", "d.parquet"):
+    ds = datasets.Dataset.from_list([{"messages": r["messages"]} for r in rows])
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    shutil.copy(next((tmp_path / "saved").glob("*.arrow")), tmp_path / "d.arrow")
+    for name in ("d.json", "d.parquet", "d.arrow"):
         loaded = load_rows([os.fspath(tmp_path / name)])
         assert [r.messages for r in loaded] == [r["messages"] for r in rows]
 

@@ -130,22 +130,36 @@ def test_two_trainers_match_one_trainer_and_sharded_reference_matches(assets: Pa
         assert v == pytest.approx(by_row[k], abs=1e-5)
 
 
-def test_sft_job_runs_without_reference_ranks(assets: Path, tmp_path: Path) -> None:
-    spec = base_spec(
-        assets,
-        tmp_path / "sft",
-        aligned_models=[],
-        objective={"kind": "sft"},
-        topology={"procs_per_node": 2},
-        checkpoint={"every_steps": 100, "save_final_model": False},
-    )
-    run_dir = run_job(spec, tmp_path)
-    metrics = read_metrics(run_dir)
+def test_sft_job_runs_without_reference_ranks_and_gradient_checkpointing_changes_nothing(
+    assets: Path, tmp_path: Path
+) -> None:
+    runs = {}
+    for checkpointing in (False, True):
+        spec = base_spec(
+            assets,
+            tmp_path / f"sft-{checkpointing}",
+            aligned_models=[],
+            objective={"kind": "sft"},
+            training={
+                "learning_rate": 1e-3,
+                "micro_batch_size": 2,
+                "global_batch_size": 8,
+                "max_steps": 6,
+                "gradient_checkpointing": checkpointing,
+            },
+            topology={"procs_per_node": 2},
+            checkpoint={"every_steps": 100, "save_final_model": False},
+        )
+        runs[checkpointing] = read_metrics(run_job(spec, tmp_path, f"sft-{checkpointing}.yaml"))
+    metrics = runs[False]
     assert len(metrics) == 6 and "poft_weight" not in metrics[0]
     # SFT's loss is the token-level cross-entropy of the response tokens.
     for m in metrics:
         assert m["loss"] == pytest.approx(m["cross_entropy"], rel=0.05)
     assert metrics[-1]["loss"] < metrics[0]["loss"]
+    for a, b in zip(metrics, runs[True]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
 def test_topology_that_does_not_fit_fails_before_any_rank_starts(assets: Path, tmp_path: Path) -> None:

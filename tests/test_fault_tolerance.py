@@ -181,3 +181,47 @@ def test_full_disk_keeps_the_previous_checkpoint_and_stops_clearly(assets: Path,
         assert verify(run_dir / "checkpoints" / "step_00000002") is None
     finally:
         subprocess.run(["umount", "-l", str(run_dir)])
+
+
+def test_nonfinite_losses_can_be_skipped_and_counted(assets: Path, tmp_path: Path) -> None:
+    rows = [json.loads(x) for x in (assets / "data" / "train.jsonl").read_text().splitlines()]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r | {"s": -1.0}) for r in rows))
+    spec = base_spec(
+        assets,
+        tmp_path / "run",
+        aligned_models=[],
+        data={"train_files": [str(tmp_path / "d.jsonl")], "reference_score_column": "s"},
+        objective={"kind": "poft", "gamma": float("-inf")},
+        training={
+            "learning_rate": 1e-3,
+            "micro_batch_size": 2,
+            "global_batch_size": 8,
+            "max_steps": 2,
+            "on_nonfinite": "skip",
+        },
+        topology={"procs_per_node": 2},
+    )
+    run_dir = run_job(spec, tmp_path)
+    metrics = read_metrics(run_dir)
+    assert [m["skipped_micro_batches"] for m in metrics] == [4, 4]  # 2 trainers x 2 micro-batches per step
+    from safetensors.torch import load_file
+
+    start, end = (
+        load_file(assets / "target" / "model.safetensors"),
+        load_file(run_dir / "final_model" / "model.safetensors"),
+    )
+    assert all((start[k] == end[k]).all() for k in start)  # nothing reached the weights
+
+
+def test_resume_flag_refuses_to_start_without_a_checkpoint(assets: Path, tmp_path: Path) -> None:
+    spec = job(assets, tmp_path / "run")
+    proc = subprocess.run(
+        [sys.executable, "-m", "poft_ds.cli", "launch", str(write_spec(spec, tmp_path / "job.yaml")), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert proc.returncode != 0
+    assert "train" in proc.stdout and "--resume" in proc.stdout
+    assert "checkpoint.resume: required" in proc.stdout + proc.stderr
