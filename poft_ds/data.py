@@ -13,14 +13,21 @@ not prefixes of each other cannot be masked this way and is reported as an error
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from poft_ds import __version__
 from poft_ds.formats import DataError, Row
 
 
@@ -157,21 +164,65 @@ class ChatTokenizer:
         return TokenizedSample(ids, mask), None
 
 
-def tokenize_rows(rows: list[Row], chat: ChatTokenizer) -> tuple[list[TokenizedSample | None], TokenizeReport]:
-    """Tokenize every usable row; unusable ones become None and are counted by reason."""
-    out: list[TokenizedSample | None] = []
+def tokenize_rows(
+    rows: list[Row], chat: ChatTokenizer, cache_dir: Path | None = None
+) -> tuple[list[TokenizedSample | None], TokenizeReport]:
+    """Tokenize every usable row; unusable ones become None and are counted by reason.
+
+    With `cache_dir`, the result is kept under a hash of the rows' contents, the tokenizer's
+    files, the template, max length and truncation, so a rerun does not tokenize again.
+    """
+    key = _cache_key(rows, chat) if cache_dir is not None else None
+    results = _read_cache(cache_dir / f"{key}.parquet") if key else None
+    if results is None or len(results) != len(rows):
+        results = [chat(r.messages) if r.problem is None else (None, r.problem) for r in rows]
+        if key:
+            _write_cache(cache_dir / f"{key}.parquet", results)
     report = TokenizeReport()
-    for row in rows:
-        where = row.where
-        if row.problem is not None:
-            out.append(None)
-            report.add(row.problem, where)
-            continue
-        sample, reason = chat(row.messages)
+    for row, (_, reason) in zip(rows, results):
         if reason is not None:
-            report.add(reason, where)
-        out.append(sample)
-    return out, report
+            report.add(reason, row.where)
+    return [sample for sample, _ in results], report
+
+
+def _cache_key(rows: list[Row], chat: ChatTokenizer) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        h.update((json.dumps(r.messages, ensure_ascii=False) if r.messages else f"!{r.problem}").encode())
+        h.update(b"\0")
+    folder = Path(chat.tok.name_or_path)
+    for f in sorted(folder.glob("*")) if folder.is_dir() else []:
+        if f.is_file() and (
+            f.name.startswith(("tokenizer", "special_tokens", "added_tokens")) or f.suffix in (".model", ".jinja")
+        ):
+            h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
+    h.update(f"{chat.template}|{chat.max_length}|{chat.truncation}|{chat.prepend_bos}|{__version__}".encode())
+    return h.hexdigest()[:32]
+
+
+def _read_cache(path: Path) -> list[tuple[TokenizedSample | None, str | None]] | None:
+    try:
+        table = pq.read_table(path).to_pydict()
+    except (OSError, pa.ArrowException):
+        return None
+    return [
+        (TokenizedSample(ids, mask) if ids is not None else None, reason)
+        for ids, mask, reason in zip(table["input_ids"], table["response_mask"], table["reason"])
+    ]
+
+
+def _write_cache(path: Path, results: list[tuple[TokenizedSample | None, str | None]]) -> None:
+    table = pa.table(
+        {
+            "input_ids": [s.input_ids if s else None for s, _ in results],
+            "response_mask": [s.response_mask if s else None for s, _ in results],
+            "reason": [reason for _, reason in results],
+        }
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
 
 
 @dataclass

@@ -34,6 +34,7 @@ class PreparedData:
         where: "file:line" of every row, for logs and score dumps.
         keys: Content hash of every row (score store key); None for unusable rows.
         ref_scores: Precomputed reference scores from the data (`data.reference_score_column`).
+        eval_rows: Held-out rows (`data.eval_fraction`), never trained on.
     """
 
     samples: list[TokenizedSample | None]
@@ -41,6 +42,7 @@ class PreparedData:
     where: list[str]
     keys: list[str | None]
     ref_scores: list[float | None]
+    eval_rows: tuple[int, ...] = ()
 
 
 def model_of_role(spec: JobSpec, worlds: Worlds) -> ModelSpec:
@@ -62,9 +64,9 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
     rows = load_rows(spec.data.sources, spec.seed, spec.data.reference_score_column)
     if not rows:
         raise DataError(f"data.train_files: no rows in {spec.data.train_files}")
-    samples, report = tokenize_rows(
-        rows, ChatTokenizer(tokenizer, model.max_length, model.chat_template, model.truncation)
-    )
+    chat = ChatTokenizer(tokenizer, model.max_length, model.chat_template, model.truncation)
+    # Ranks of a role compute the same result; the cache file is replaced atomically, so they may race.
+    samples, report = tokenize_rows(rows, chat, spec.data.resolved_cache_dir(spec.run_dir))
 
     ok = torch.tensor([s is not None for s in samples], dtype=torch.uint8)
     worlds.bridge_allreduce_min(ok)
@@ -96,6 +98,15 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
     if bad and role.rank == 0:
         print(f"[poft-ds] {role.name}: {bad} of {len(rows)} rows unusable, see data_report/", flush=True)
 
+    eval_rows: tuple[int, ...] = ()
+    if spec.data.eval_fraction:
+        # A seeded hold-out every rank derives alike; it never enters the training schedule.
+        g = torch.Generator().manual_seed(spec.seed - 1)
+        n_eval = max(1, round(spec.data.eval_fraction * len(usable)))
+        picked = set(torch.randperm(len(usable), generator=g)[:n_eval].tolist())
+        eval_rows = tuple(u for i, u in enumerate(usable) if i in picked)
+        usable = tuple(u for i, u in enumerate(usable) if i not in picked)
+
     t = spec.training
     schedule = Schedule(
         usable=usable,
@@ -114,7 +125,7 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
             f"training.global_batch_size: {t.global_batch_size} is larger than the {len(usable)} usable samples"
         )
     keys = [sample_key(r.messages) if r.messages else None for r in rows]
-    return PreparedData(samples, schedule, [r.where for r in rows], keys, [r.ref_score for r in rows])
+    return PreparedData(samples, schedule, [r.where for r in rows], keys, [r.ref_score for r in rows], eval_rows)
 
 
 def agree_on_resume_step(spec: JobSpec, worlds: Worlds) -> int:

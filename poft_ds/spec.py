@@ -77,9 +77,18 @@ class DataSpec(_Strict):
         None,
         description="Column with precomputed reference scores (e.g. mean_log_llm_probs); PoFT then needs no aligned models.",
     )
+    cache_dir: str | None = Field(
+        None, description="Tokenization cache, keyed by content (default: <run_dir>/cache/tokenized)."
+    )
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Seeded fraction of usable rows held out for evaluation."
+    )
     group_by_length: bool = Field(
         True, description="Inside each global batch, put samples of similar length in the same micro-batch."
     )
+
+    def resolved_cache_dir(self, run_dir: str) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(run_dir) / "cache" / "tokenized"
 
     @property
     def sources(self) -> list[SourceSpec]:
@@ -170,6 +179,9 @@ class CheckpointSpec(_Strict):
 
 class LoggingSpec(_Strict):
     every_steps: int = Field(1, ge=1)
+    eval_every_steps: int = Field(
+        100, ge=1, description="Evaluate on the held-out rows (data.eval_fraction) every N steps and at the end."
+    )
     dump_scores: bool = Field(False, description="Write every sample's per-model scores to scores.jsonl.")
 
 
@@ -435,6 +447,8 @@ def load_spec(path: str | os.PathLike[str]) -> JobSpec:
     spec.run_dir = resolve_path(spec.run_dir, base)
     if spec.score_store.dir:
         spec.score_store.dir = resolve_path(spec.score_store.dir, base)
+    if spec.data.cache_dir:
+        spec.data.cache_dir = resolve_path(spec.data.cache_dir, base)
     spec.data.train_files = [src.model_copy(update={"path": resolve_path(src.path, base)}) for src in spec.data.sources]
     problems = []
     for where, m in [("model", spec.model)] + [(f"aligned_models[{i}]", a) for i, a in enumerate(spec.aligned_models)]:

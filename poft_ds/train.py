@@ -257,7 +257,11 @@ def _train_steps(
                 f"non-finite weights (the last good one is in {checkpoint_root(spec)})"
             )
         elapsed = time.perf_counter() - t_start
-        if metrics is not None and ((step + 1) % spec.logging.every_steps == 0 or step + 1 == schedule.total_steps):
+        last = step + 1 == schedule.total_steps
+        evals = {}
+        if data.eval_rows and ((step + 1) % spec.logging.eval_every_steps == 0 or last):
+            evals = evaluate(engine, data, worlds, pad)  # collective: every trainer takes part
+        if metrics is not None and ((step + 1) % spec.logging.every_steps == 0 or last or evals):
             n = s["samples"] or float("nan")  # nan when every micro-batch was skipped
             rec = {
                 "step": step + 1,
@@ -271,6 +275,7 @@ def _train_steps(
                 "tokens_per_s": s["real_tokens"] / elapsed,
                 "wait_for_scores_s": waited,
             }
+            rec |= evals
             if poft:
                 rec |= {"poft_weight": s["weight"] / n, "s_ref": s["s_ref"] / n}
                 rec |= {"ref_forward_passes": int(s["ref_forward_passes"]), "ref_new_scores": int(s["ref_new_scores"])}
@@ -289,6 +294,42 @@ def _train_steps(
                 (Path(spec.run_dir) / PREEMPTED_MARKER).write_text(str(step + 1))
                 print(f"[poft-ds] preempted: checkpoint at step {step + 1} written; exiting", flush=True)
             raise Preempted(step + 1)
+
+
+def evaluate(engine: deepspeed.DeepSpeedEngine, data: PreparedData, worlds: Worlds, pad: int) -> dict[str, float]:
+    """Cross-entropy and mean score of the target on the held-out rows, over all trainer ranks.
+
+    Rows are dealt round-robin to trainers; every trainer runs the same number of forward passes
+    (ZeRO-3 gathers parameters collectively), padding with empty ones.
+    """
+    role = worlds.role
+    mine = list(data.eval_rows[role.rank :: role.size])
+    mb = data.schedule.micro_batch
+    per_rank = -(-len(data.eval_rows) // role.size)
+    passes = -(-per_rank // mb)
+    sums = torch.zeros(3, dtype=torch.float64)  # logp, tokens, per-sample score
+    was_training = engine.module.training
+    engine.eval()
+    with torch.no_grad():
+        for i in range(passes):
+            chunk = mine[i * mb : (i + 1) * mb]
+            batch = collate([data.samples[r] for r in chunk or data.eval_rows[:1]], pad).to(worlds.device)
+            if not chunk:
+                batch.response_mask.zero_()
+            logp_sum, n_tokens = engine(batch.input_ids, batch.attention_mask, batch.response_mask)
+            if chunk:
+                sums += torch.tensor(
+                    [logp_sum.sum().item(), n_tokens.sum().item(), (logp_sum / n_tokens).sum().item()],
+                    dtype=torch.float64,
+                )
+    if was_training:
+        engine.train()
+    sums = sums.to(worlds.device)
+    dist.all_reduce(sums)
+    return {
+        "eval_cross_entropy": -sums[0].item() / sums[1].item(),
+        "eval_s_target": sums[2].item() / len(data.eval_rows),
+    }
 
 
 def _nonfinite_anywhere(loss: torch.Tensor, step: int, micro: int, worlds: Worlds, policy: str) -> bool:

@@ -278,3 +278,23 @@ def test_validate_rejects_a_template_that_cannot_be_masked(assets: Path, tmp_pat
     proc = _cli("validate", str(write_spec(spec, tmp_path / "job.yaml")))
     assert proc.returncode == 2
     assert "aligned_models[1].chat_template" in proc.stderr and "zephyr" in proc.stderr
+
+
+def test_tokenization_is_cached_by_content(assets: Path, tmp_path: Path) -> None:
+    class Counting(ChatTokenizer):
+        calls = 0
+
+        def __call__(self, messages):
+            Counting.calls += 1
+            return super().__call__(messages)
+
+    tok = AutoTokenizer.from_pretrained(assets / "target")
+    rows = load_rows([str(assets / "data" / "train.jsonl")])[:20]
+    rows[3].messages, rows[3].problem = None, "no assistant turn"
+    first, report1 = tokenize_rows(rows, Counting(tok, 96), tmp_path)
+    assert Counting.calls == 19
+    again, report2 = tokenize_rows(rows, Counting(tok, 96), tmp_path)
+    assert Counting.calls == 19  # read from the cache
+    assert again == first and report2.counts == report1.counts == {"no assistant turn": 1}
+    tokenize_rows(rows, Counting(tok, 64), tmp_path)  # another max length: another entry
+    assert Counting.calls == 38 and len(list(tmp_path.glob("*.parquet"))) == 2

@@ -174,3 +174,42 @@ def test_topology_that_does_not_fit_fails_before_any_rank_starts(assets: Path, t
     assert "topology.procs_per_node" in proc.stderr and "no trainer rank" in proc.stderr
     assert "torch.distributed.run" not in proc.stdout  # nothing was launched
     assert not (tmp_path / "bad").exists()
+
+
+def test_held_out_rows_are_evaluated_and_never_trained_on(assets: Path, tmp_path: Path) -> None:
+    spec = base_spec(
+        assets,
+        tmp_path / "run",
+        aligned_models=[{"name": "zephyr", "path": str(assets / "aligned_zephyr"), "max_length": 96}],
+        data={"train_files": [str(assets / "data" / "train.jsonl")], "eval_fraction": 0.1},
+        topology={"procs_per_node": 3},
+        logging={"eval_every_steps": 3, "dump_scores": True},
+        checkpoint={"every_steps": 100, "save_final_model": True},
+    )
+    run_dir = run_job(spec, tmp_path)
+    metrics = read_metrics(run_dir)
+    evals = [m for m in metrics if "eval_cross_entropy" in m]
+    assert [m["step"] for m in evals] == [3, 6]
+    trained = {d["row"] for d in dumped_scores(run_dir)}
+    # The held-out rows: the same seeded choice, recomputed here from what was trained on.
+    data = load_rows(spec["data"]["train_files"])
+    held_out = [i for i in range(len(data)) if i not in trained]
+    assert len(held_out) >= round(0.1 * 96)
+
+    # eval_cross_entropy of the final model on the held-out rows, recomputed in one process.
+    tok = AutoTokenizer.from_pretrained(run_dir / "final_model")
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final_model").eval()
+    chat = ChatTokenizer(tok, 96)
+    g = torch.Generator().manual_seed(spec["seed"] - 1)
+    picked = sorted(torch.randperm(96, generator=g)[: round(0.1 * 96)].tolist())
+    assert not set(picked) & trained
+    logp = tokens = 0.0
+    with torch.no_grad():
+        for i in picked:
+            s, _ = chat(data[i].messages)
+            ids = torch.tensor([s.input_ids])
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            mask = torch.tensor(s.response_mask[1:])
+            logp += lp.gather(-1, ids[0, 1:, None]).squeeze(-1)[mask].sum().item()
+            tokens += mask.sum().item()
+    assert evals[-1]["eval_cross_entropy"] == pytest.approx(-logp / tokens, rel=1e-4)
