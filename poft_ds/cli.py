@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -92,6 +93,25 @@ def _cmd_bench_padding(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_scores_show(args: argparse.Namespace) -> int:
+    from poft_ds.scores import scores_report
+
+    report = scores_report(load_spec(args.spec), args.lowest, Path(args.png) if args.png else None)
+    text = json.dumps(report, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _cmd_scores_export(args: argparse.Namespace) -> int:
+    from poft_ds.scores import export_scores
+
+    n = export_scores(load_spec(args.spec), Path(args.out), args.column)
+    print(f"[poft-ds] {n} fully scored rows written to {args.out} (column {args.column})")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from poft_ds.distributed import EXIT_PREEMPTED, Preempted
     from poft_ds.job import run_rank
@@ -152,6 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("spec", help="job spec (YAML)")
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.set_defaults(fn=_cmd_data_inspect)
+    scores = sub.add_parser("scores", help="stored reference scores").add_subparsers(dest="scores", required=True)
+    p = scores.add_parser("show", help="distributions, agreement between models, lowest-scored samples")
+    p.add_argument("spec", help="job spec (YAML)")
+    p.add_argument("--png", help="draw a histogram of each model's scores here")
+    p.add_argument("--json", help="also write the report here")
+    p.add_argument("--lowest", type=int, default=10, help="how many lowest-scored samples to list")
+    p.set_defaults(fn=_cmd_scores_show)
+    p = scores.add_parser("export", help="write the scored data set (trains via data.reference_score_column)")
+    p.add_argument("spec", help="job spec (YAML)")
+    p.add_argument("--out", required=True, help="a .parquet or .jsonl file")
+    p.add_argument("--column", default="mean_log_llm_probs", help="name of the s_ref column")
+    p.set_defaults(fn=_cmd_scores_export)
     bench = sub.add_parser("bench", help="benchmarks (JSON results)").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("padding", help="real / processed tokens of scoring and training batches")
     p.add_argument("--out", help="write the JSON result here")

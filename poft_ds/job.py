@@ -98,6 +98,16 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
     if bad and role.rank == 0:
         print(f"[poft-ds] {role.name}: {bad} of {len(rows)} rows unusable, see data_report/", flush=True)
 
+    if spec.data.filter_min_score is not None or spec.data.filter_min_quantile is not None:
+        from poft_ds.scores import filter_by_reference_score
+
+        usable, kept = filter_by_reference_score(spec, rows, usable)
+        if role.rank == 0:
+            (Path(spec.run_dir) / "data_report" / f"filter_{role.name.replace('/', '_')}.json").write_text(
+                json.dumps(kept, indent=2)
+            )
+            print(f"[poft-ds] score filter: kept {kept['kept']} of {kept['usable']} samples", flush=True)
+
     eval_rows: tuple[int, ...] = ()
     if spec.data.eval_fraction:
         # A seeded hold-out every rank derives alike; it never enters the training schedule.

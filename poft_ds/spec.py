@@ -80,6 +80,12 @@ class DataSpec(_Strict):
     cache_dir: str | None = Field(
         None, description="Tokenization cache, keyed by content (default: <run_dir>/cache/tokenized)."
     )
+    filter_min_score: float | None = Field(
+        None, description="Train only on samples whose s_ref is at least this (scores from the store or column)."
+    )
+    filter_min_quantile: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Train only on samples whose s_ref is at least this quantile of s_ref."
+    )
     eval_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Seeded fraction of usable rows held out for evaluation."
     )

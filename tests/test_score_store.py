@@ -174,3 +174,52 @@ def test_precomputed_score_column_trains_without_reference_ranks(assets: Path, t
         batch = schedule.global_batch_at(step)
         assert m["s_ref"] == pytest.approx(sum(rows[i]["mean_log_llm_probs"] for i in batch) / 8, abs=1e-9)
         assert 0 < m["poft_weight"] < 1
+
+
+def test_scores_show_export_and_filter(assets: Path, tmp_path: Path) -> None:
+    spec = base_spec(assets, tmp_path / "run", score_store={"dir": str(tmp_path / "store")})
+    path = write_spec(spec, tmp_path / "job.yaml")
+    scoring = _score(path)
+    assert scoring.wait(timeout=600) == 0, scoring.stdout.read()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "poft_ds.cli", *args], capture_output=True, text=True, timeout=300)
+
+    show = cli("scores", "show", str(path), "--png", str(tmp_path / "hist.png"), "--json", str(tmp_path / "r.json"))
+    assert show.returncode == 0, show.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["scored_by_every_model"] == 96
+    assert (
+        report["models"]["zephyr"]["scored"] == 96
+        and report["models"]["zephyr"]["min"] < report["models"]["zephyr"]["max"]
+    )
+    assert -1 <= report["rank_correlation"]["chatml~zephyr"] <= 1
+    assert len(report["lowest"]) == 10
+    assert (tmp_path / "hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The aligned models were trained on clean rows only: noisy rows should be over-represented among the lowest.
+    noisy = {
+        json.loads(x)["id"]: json.loads(x)["noisy"] for x in (assets / "data" / "train.jsonl").read_text().splitlines()
+    }
+    lines = (assets / "data" / "train.jsonl").read_text().splitlines()
+    lowest_noisy = sum(json.loads(lines[int(e["where"].rsplit(":", 1)[1]) - 1])["noisy"] for e in report["lowest"])
+    assert lowest_noisy / 10 > sum(noisy.values()) / len(noisy)
+
+    out = tmp_path / "scored.jsonl"
+    exported = cli("scores", "export", str(path), "--out", str(out))
+    assert exported.returncode == 0, exported.stderr
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(records) == 96
+    for r in records:
+        assert r["mean_log_llm_probs"] == pytest.approx((r["score/chatml"] + r["score/zephyr"]) / 2)
+
+    # Filtering by s_ref quantile, from the store: half the samples are kept, counts reported.
+    filtered = dict(spec, run_dir=str(tmp_path / "filtered"))
+    filtered["data"] = dict(spec["data"], filter_min_quantile=0.5)
+    filtered["checkpoint"] = {"every_steps": 100, "save_final_model": False}
+    proc = _run(filtered, tmp_path, "filtered.yaml")
+    kept = json.loads((tmp_path / "filtered" / "data_report" / "filter_trainer.json").read_text())
+    assert kept["kept"] + kept["dropped"] == 96 and 47 <= kept["kept"] <= 49  # the median splits ties upward
+    assert f"score filter: kept {kept['kept']} of 96 samples" in proc.stdout
+    s_ref = sorted(r["mean_log_llm_probs"] for r in records)
+    assert kept["threshold"] == pytest.approx(s_ref[47])
+    assert all(m["ref_forward_passes"] == 0 for m in read_metrics(tmp_path / "filtered"))
