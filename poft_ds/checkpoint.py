@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
+from poft_ds.files import atomic_write
 from poft_ds.job import save_resolved_spec
 from poft_ds.spec import JobSpec
 
@@ -35,15 +36,6 @@ def checkpoint_root(spec: JobSpec) -> Path:
 
 def _tag(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(engine: deepspeed.DeepSpeedEngine, spec: JobSpec, step: int) -> Path:
@@ -67,10 +59,10 @@ def save_checkpoint(engine: deepspeed.DeepSpeedEngine, spec: JobSpec, step: int)
             folder = root / tmp_tag
             save_resolved_spec(spec, folder)
             sizes = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-            _write_atomic(folder / MANIFEST, json.dumps({"step": step, "files": sizes}, indent=1))
+            atomic_write(folder / MANIFEST, json.dumps({"step": step, "files": sizes}, indent=1).encode())
             shutil.rmtree(root / tag, ignore_errors=True)
             os.replace(folder, root / tag)
-            _write_atomic(root / "latest", tag)
+            atomic_write(root / "latest", tag.encode())
             _prune(root, spec.checkpoint.keep_last)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         free = shutil.disk_usage(root).free if root.exists() else 0

@@ -8,7 +8,7 @@ chat template, max length, truncation and precision. The store keeps one folder 
     <store>/<scorer id>/shard-<writer>.parquet.sha256
 
 so changing a model's template or max length invalidates exactly that model's entries. Every
-writer writes its own shards (written aside, then renamed; the checksum file last), so any number
+writer writes its own shards (written aside, then renamed, its checksum file first), so any number
 of ranks and jobs can write at once without locks; a shard whose checksum file is missing or
 wrong is ignored with a warning, and its scores are simply computed again.
 """
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from poft_ds.files import atomic_write
 
 SCHEMA = pa.schema([("key", pa.string()), ("score", pa.float64()), ("n_tokens", pa.int32())])
 
@@ -64,7 +66,7 @@ def model_fingerprint(model_dir: str, cache_file: Path | None = None) -> str:
             changed = True
         h.update(f"{f.relative_to(model_dir)}={cache[tag]};".encode())
     if changed and cache_file is not None:
-        _atomic_write(cache_file, json.dumps(cache).encode())
+        atomic_write(cache_file, json.dumps(cache).encode())
     return h.hexdigest()
 
 
@@ -72,16 +74,6 @@ def scorer_id(fingerprint: str, template: str, max_length: int, truncation: str,
     """Identity of everything besides the sample that a score depends on."""
     parts = [fingerprint, hashlib.sha256(template.encode()).hexdigest(), str(max_length), truncation, precision]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ScoreStore:
@@ -97,7 +89,7 @@ class ScoreStore:
         self.dir = Path(root) / scorer
         self.dir.mkdir(parents=True, exist_ok=True)
         if description is not None and not (self.dir / "scorer.json").exists():
-            _atomic_write(self.dir / "scorer.json", json.dumps(description, indent=2).encode())
+            atomic_write(self.dir / "scorer.json", json.dumps(description, indent=2).encode())
 
     def load(self) -> dict[str, tuple[float, int]]:
         """Every verified score: key -> (score, response tokens)."""
@@ -129,6 +121,7 @@ class ScoreStore:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         data = sink.getvalue().to_pybytes()
-        _atomic_write(self.dir / name, data)
-        _atomic_write(self.dir / (name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
+        # Checksum first: a shard that is visible under its final name always has its checksum.
+        atomic_write(self.dir / (name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
+        atomic_write(self.dir / name, data)
         return self.dir / name

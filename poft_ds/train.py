@@ -219,8 +219,6 @@ def _train_steps(
                 s_ref = aggregate_reference_scores(ref_m, spec.objective.aggregation).to(s_target.device)
                 per_sample, weight = poft_loss(s_target, s_ref, spec.objective.beta, spec.objective.gamma)
                 loss = per_sample.mean()
-                stats.add(weight=weight.sum(), s_ref=s_ref.sum())
-                stats.add_model_scores(ref_m)
             else:
                 # Token-level cross-entropy over the micro-batch's response tokens.
                 loss = -logp_sum.sum() / n_tokens.sum()
@@ -234,6 +232,9 @@ def _train_steps(
                 continue
             engine.backward(loss)
             engine.step()
+            if poft:
+                stats.add(weight=weight.sum(), s_ref=s_ref.sum())
+                stats.add_model_scores(ref_m)
             stats.add(
                 loss=loss.detach(),
                 micro_batches=1,

@@ -66,6 +66,18 @@ def launch(spec_path: Path, timeout: float = 600) -> subprocess.CompletedProcess
     )
 
 
+def start_cli(*args: str) -> subprocess.Popen[str]:
+    """Start `poft-ds <args>` in its own session (so a test can kill all of it), output merged."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "poft_ds.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        start_new_session=True,
+    )
+
+
 def run_job(spec: dict[str, Any], tmp_path: Path, name: str = "job.yaml") -> Path:
     """Launch a job, fail the test with its output if it fails, and return its run directory."""
     proc = launch(write_spec(spec, tmp_path / name))

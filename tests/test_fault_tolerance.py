@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import base_spec, launch, read_metrics, run_job, write_spec
+from tests.conftest import base_spec, launch, read_metrics, run_job, start_cli, write_spec
 
 pytestmark = pytest.mark.distributed
 
@@ -63,13 +63,7 @@ def _workers(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
 
 
 def _start(spec_path: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "poft_ds.cli", "launch", str(spec_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
+    return start_cli("launch", str(spec_path))
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -141,14 +135,20 @@ def test_killed_reference_rank_stops_every_process_with_a_message(assets: Path, 
     assert named_by_trainers or named_by_launcher, out[-3000:]
 
 
-def test_nonfinite_loss_stops_before_the_update(assets: Path, tmp_path: Path) -> None:
+def data_with_scores(assets: Path, tmp_path: Path) -> Path:
+    """The tiny data set with a precomputed reference score column `s`."""
     rows = [json.loads(x) for x in (assets / "data" / "train.jsonl").read_text().splitlines()]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r | {"s": -1.0}) for r in rows))
+    return tmp_path / "d.jsonl"
+
+
+def test_nonfinite_loss_stops_before_the_update(assets: Path, tmp_path: Path) -> None:
+    data = data_with_scores(assets, tmp_path)
     spec = base_spec(
         assets,
         tmp_path / "run",
         aligned_models=[],
-        data={"train_files": [str(tmp_path / "d.jsonl")], "reference_score_column": "s"},
+        data={"train_files": [str(data)], "reference_score_column": "s"},
         objective={"kind": "poft", "gamma": float("-inf")},  # -log sigmoid(-inf) is infinite
         topology={"procs_per_node": 2},
     )
@@ -184,13 +184,12 @@ def test_full_disk_keeps_the_previous_checkpoint_and_stops_clearly(assets: Path,
 
 
 def test_nonfinite_losses_can_be_skipped_and_counted(assets: Path, tmp_path: Path) -> None:
-    rows = [json.loads(x) for x in (assets / "data" / "train.jsonl").read_text().splitlines()]
-    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r | {"s": -1.0}) for r in rows))
+    data = data_with_scores(assets, tmp_path)
     spec = base_spec(
         assets,
         tmp_path / "run",
         aligned_models=[],
-        data={"train_files": [str(tmp_path / "d.jsonl")], "reference_score_column": "s"},
+        data={"train_files": [str(data)], "reference_score_column": "s"},
         objective={"kind": "poft", "gamma": float("-inf")},
         training={
             "learning_rate": 1e-3,

@@ -16,7 +16,7 @@ import pytest
 
 from poft_ds.schedule import Schedule
 from poft_ds.score_store import ScoreStore, model_fingerprint, sample_key, scorer_id
-from tests.conftest import base_spec, launch, read_metrics, write_spec
+from tests.conftest import base_spec, launch, read_metrics, start_cli, write_spec
 
 pytestmark = pytest.mark.distributed
 
@@ -91,14 +91,7 @@ def test_template_change_gives_a_new_scorer_and_corrupt_shards_are_ignored(asset
 
 
 def _score(spec_path: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "poft_ds.cli", "score", str(spec_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        start_new_session=True,
-    )
+    return start_cli("score", str(spec_path))
 
 
 def _store_scores(store: Path) -> dict[str, dict[str, float]]:
@@ -125,7 +118,7 @@ def test_offline_scoring_killed_halfway_resumes_without_rescoring(assets: Path, 
     path = write_spec(spec_for(tmp_path / "resumed"), tmp_path / "resumed.yaml")
     proc = _score(path)
     deadline = time.time() + 300
-    while len(list((tmp_path / "resumed").glob("*/shard-*.parquet.sha256"))) < 6:
+    while len(list((tmp_path / "resumed").glob("*/shard-*.parquet"))) < 6:
         assert proc.poll() is None and time.time() < deadline, "scoring ended before it could be interrupted"
         time.sleep(0.05)
     # A crash: every process of the run dies at once (the launcher and its workers).
