@@ -21,6 +21,9 @@ import os
 import signal
 import socket
 import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -272,6 +275,7 @@ def init_worlds(spec: JobSpec) -> Worlds:
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; run again to resume
+EXIT_ORPHANED = 70  # EX_SOFTWARE: the launcher died under this rank
 PREEMPTED_MARKER = "PREEMPTED"
 _stop_requested = False
 
@@ -284,6 +288,24 @@ def _request_stop(signum: int, frame: object) -> None:
     global _stop_requested
     _stop_requested = True
     print(f"[poft-ds] received signal {signum}: stopping after the current step", flush=True)
+
+
+def start_orphan_watchdog(interval_s: float = 2.0) -> None:
+    """Exit this rank when its launcher dies (SIGKILL, OOM killer): no orphaned rank keeps a GPU.
+
+    The launcher (torchrun's agent, DeepSpeed's launch.py, slurmstepd, the MPI daemon) is this
+    process's parent; when it dies the rank is re-parented, which a daemon thread notices.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                print(f"[poft-ds] launcher (pid {parent}) is gone; exiting", file=sys.stderr, flush=True)
+                os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="poft-orphan-watchdog", daemon=True).start()
 
 
 def install_preemption_handlers() -> None:

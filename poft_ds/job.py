@@ -16,7 +16,14 @@ import yaml
 from transformers import PreTrainedTokenizerBase
 
 from poft_ds.data import ChatTokenizer, TokenizedSample, tokenize_rows
-from poft_ds.distributed import Worlds, bridge_broadcast_int, init_worlds, install_preemption_handlers, shutdown
+from poft_ds.distributed import (
+    Worlds,
+    bridge_broadcast_int,
+    init_worlds,
+    install_preemption_handlers,
+    shutdown,
+    start_orphan_watchdog,
+)
 from poft_ds.formats import DataError, load_rows
 from poft_ds.inspect import load_tokenizer
 from poft_ds.schedule import Schedule
@@ -171,6 +178,7 @@ def run_rank(spec: JobSpec, offline_scoring: bool = False) -> None:
         offline_scoring: Run `poft-ds score` (reference ranks fill the score store) instead of training.
     """
     install_preemption_handlers()
+    start_orphan_watchdog()
     worlds = init_worlds(spec)
     torch.manual_seed(spec.seed)
     tokenizer = load_tokenizer(model_of_role(spec, worlds))

@@ -224,3 +224,19 @@ def test_resume_flag_refuses_to_start_without_a_checkpoint(assets: Path, tmp_pat
     assert proc.returncode != 0
     assert "train" in proc.stdout and "--resume" in proc.stdout
     assert "checkpoint.resume: required" in proc.stdout + proc.stderr
+
+
+def test_ranks_exit_when_their_launcher_is_killed(assets: Path, tmp_path: Path) -> None:
+    spec = job(assets, tmp_path / "run")
+    spec["training"]["max_steps"] = 40
+    proc = _start(write_spec(spec, tmp_path / "job.yaml"))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 1, proc)
+    workers = _workers(proc)
+    assert len(workers) == 3
+    agent = next(p for p in psutil.Process(proc.pid).children() if p.pid in {w.ppid() for w in workers.values()})
+    agent.send_signal(signal.SIGKILL)  # the torchrun agent dies; nothing tells the ranks
+    _, alive = psutil.wait_procs(list(workers.values()), timeout=30)
+    assert not alive, f"orphaned ranks still running: {[p.pid for p in alive]}"
+    proc.kill()
+    proc.wait()
