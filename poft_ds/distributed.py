@@ -54,10 +54,6 @@ class Role:
     size: int
     rank: int
 
-    @property
-    def global_ranks(self) -> list[int]:
-        return list(range(self.first_global_rank, self.first_global_rank + self.size))
-
 
 def role_layout(spec: JobSpec) -> list[tuple[str, str, int | None, int, int]]:
     """All roles of a job as (name, kind, model_index, first_global_rank, size), in rank order."""

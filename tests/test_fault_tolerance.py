@@ -135,23 +135,24 @@ def test_killed_reference_rank_stops_every_process_with_a_message(assets: Path, 
     assert named_by_trainers or named_by_launcher, out[-3000:]
 
 
-def data_with_scores(assets: Path, tmp_path: Path) -> Path:
-    """The tiny data set with a precomputed reference score column `s`."""
+def nonfinite_job(assets: Path, tmp_path: Path, **training) -> dict:
+    """A 2-trainer job on precomputed scores whose loss is always infinite: -log sigmoid(-inf)."""
     rows = [json.loads(x) for x in (assets / "data" / "train.jsonl").read_text().splitlines()]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r | {"s": -1.0}) for r in rows))
-    return tmp_path / "d.jsonl"
-
-
-def test_nonfinite_loss_stops_before_the_update(assets: Path, tmp_path: Path) -> None:
-    data = data_with_scores(assets, tmp_path)
     spec = base_spec(
         assets,
         tmp_path / "run",
         aligned_models=[],
-        data={"train_files": [str(data)], "reference_score_column": "s"},
-        objective={"kind": "poft", "gamma": float("-inf")},  # -log sigmoid(-inf) is infinite
+        data={"train_files": [str(tmp_path / "d.jsonl")], "reference_score_column": "s"},
+        objective={"kind": "poft", "gamma": float("-inf")},
         topology={"procs_per_node": 2},
     )
+    spec["training"].update(training)
+    return spec
+
+
+def test_nonfinite_loss_stops_before_the_update(assets: Path, tmp_path: Path) -> None:
+    spec = nonfinite_job(assets, tmp_path)
     proc = launch(write_spec(spec, tmp_path / "job.yaml"))
     assert proc.returncode != 0
     assert "step 1, micro-batch 0: non-finite loss" in proc.stdout + proc.stderr
@@ -184,22 +185,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_stops_clearly(assets: Path,
 
 
 def test_nonfinite_losses_can_be_skipped_and_counted(assets: Path, tmp_path: Path) -> None:
-    data = data_with_scores(assets, tmp_path)
-    spec = base_spec(
-        assets,
-        tmp_path / "run",
-        aligned_models=[],
-        data={"train_files": [str(data)], "reference_score_column": "s"},
-        objective={"kind": "poft", "gamma": float("-inf")},
-        training={
-            "learning_rate": 1e-3,
-            "micro_batch_size": 2,
-            "global_batch_size": 8,
-            "max_steps": 2,
-            "on_nonfinite": "skip",
-        },
-        topology={"procs_per_node": 2},
-    )
+    spec = nonfinite_job(assets, tmp_path, max_steps=2, on_nonfinite="skip")
     run_dir = run_job(spec, tmp_path)
     metrics = read_metrics(run_dir)
     assert [m["skipped_micro_batches"] for m in metrics] == [4, 4]  # 2 trainers x 2 micro-batches per step
