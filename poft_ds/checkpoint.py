@@ -2,23 +2,28 @@
 final Hugging Face export.
 
 A checkpoint is written aside as `checkpoints/.tmp-step_N/` by every trainer rank (DeepSpeed
-shards: model, optimizer, scheduler; plus each rank's RNG state and the data position, which is
-the step). Rank 0 then records every file's size in `manifest.json`, renames the folder to
+shards: model, optimizer, scheduler; plus each rank's RNG states and the data position, which is
+the step). Rank 0 then records every file's size in `manifest.json`, with what the sample order
+depends on (data content, seed, batch sizes: `schedule`), renames the folder to
 `step_N` and only then points `latest` at it (written aside and renamed), and finally deletes
 checkpoints beyond `checkpoint.keep_last`. A crash at any moment leaves `latest` on a complete
 checkpoint. On resume the newest checkpoint whose files match their manifest is used; a damaged
-one is skipped with a warning.
+one is skipped with a warning, and one written under another schedule is refused (the resumed run
+would silently follow another sample order) unless `checkpoint.allow_schedule_change` says so.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import deepspeed
+import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
@@ -38,8 +43,14 @@ def _tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save_checkpoint(engine: deepspeed.DeepSpeedEngine, spec: JobSpec, step: int) -> Path:
+def save_checkpoint(engine: deepspeed.DeepSpeedEngine, spec: JobSpec, step: int, schedule: dict[str, Any]) -> Path:
     """Write a complete checkpoint for optimizer step `step`; every trainer rank must call this.
+
+    Args:
+        engine: The trainer engine.
+        spec: The job.
+        step: Optimizer steps done.
+        schedule: What the sample order depends on (`Schedule.fingerprint`), checked on resume.
 
     Raises:
         RuntimeError: when the checkpoint cannot be written (e.g. a full disk); the previous
@@ -52,14 +63,16 @@ def save_checkpoint(engine: deepspeed.DeepSpeedEngine, spec: JobSpec, step: int)
         if rank == 0:
             shutil.rmtree(root / tmp_tag, ignore_errors=True)
         dist.barrier()
-        state = {"step": step, "rng": torch.get_rng_state()}
-        engine.save_checkpoint(str(root), tag=tmp_tag, client_state=state, save_latest=False)
+        engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"step": step}, save_latest=False)
+        # DeepSpeed keeps only rank 0's client state; each rank's random streams go in their own file.
+        torch.save(_rng_states(), root / tmp_tag / f"rng_rank{rank}.pt")
         dist.barrier()
         if rank == 0:
             folder = root / tmp_tag
             save_resolved_spec(spec, folder)
             sizes = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-            atomic_write(folder / MANIFEST, json.dumps({"step": step, "files": sizes}, indent=1).encode())
+            manifest = {"step": step, "schedule": schedule, "files": sizes}
+            atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
             shutil.rmtree(root / tag, ignore_errors=True)
             os.replace(folder, root / tag)
             atomic_write(root / "latest", tag.encode())
@@ -117,12 +130,37 @@ def newest_valid_checkpoint(spec: JobSpec) -> tuple[int, Path] | None:
     return None
 
 
+def schedule_changes(folder: Path, schedule: dict[str, Any]) -> list[str]:
+    """What differs between the schedule a checkpoint was written under and `schedule`."""
+    saved = json.loads((folder / MANIFEST).read_text()).get("schedule", {})
+    return [
+        f"{key}: {saved.get(key)!r} in the checkpoint, {schedule.get(key)!r} now"
+        for key in sorted(set(saved) | set(schedule))
+        if saved.get(key) != schedule.get(key)
+    ]
+
+
+def _rng_states() -> dict[str, Any]:
+    states = {"cpu": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["cpu"])
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def load_checkpoint(engine: deepspeed.DeepSpeedEngine, folder: Path) -> int:
-    """Restore model, optimizer, scheduler and RNG state; returns the step to continue from."""
+    """Restore model, optimizer, scheduler and every RNG state; returns the step to continue from."""
     _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     if client is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {folder}")
-    torch.set_rng_state(client["rng"])
+    _restore_rng_states(torch.load(folder / f"rng_rank{dist.get_rank()}.pt", weights_only=False))
     return int(client["step"])
 
 

@@ -27,6 +27,14 @@ def _load_checked(path: str) -> JobSpec:
 
     spec = load_spec(path)
     check_templates(spec)
+    for i, m in enumerate(spec.aligned_models if spec.objective.kind == "poft" else []):
+        if m.max_length < spec.model.max_length:
+            print(
+                f"warning: aligned_models[{i}].max_length {m.max_length} < model.max_length {spec.model.max_length}: "
+                f"{m.name} truncates responses the target keeps, so s_ref averages a shorter response than "
+                "s_target (omit it to inherit the target's)",
+                file=sys.stderr,
+            )
     return spec
 
 

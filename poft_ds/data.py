@@ -1,14 +1,18 @@
 """Chat data: loading rows, rendering them with a model's chat template, masking responses.
 
 Every model (the target and each aligned model) tokenizes a sample with its *own* tokenizer and
-chat template. The response mask marks the tokens of every assistant turn: the turn's content
-and the end-of-turn marker the template closes it with (so the model learns to stop), and
-nothing of the prompt, system or user turns.
+chat template. The response mask marks the tokens of every assistant turn: the turn's content as
+the template renders it and the end-of-turn marker the template closes it with (so the model
+learns to stop), and nothing of the prompt, system or user turns.
 
 Assistant spans are found by incremental rendering: rendering the conversation up to turn i
-with a generation prompt, and up to and including turn i, gives the character span of turn i in
-the full rendering, which the tokenizer's offsets map to tokens. A template whose renderings are
-not prefixes of each other cannot be masked this way and is reported as an error.
+with a generation prompt, and up to and including turn i, gives turn i's text in the full
+rendering, in which the content is found verbatim (or trimmed, for templates that trim it).
+Templates that render history differently from a final turn (Qwen3 drops earlier turns'
+reasoning and adds an empty one to the last turns) are masked by their `{% generation %}` blocks
+when they have some, else by finding each message's content in order in the full rendering. A
+row whose content the template rewrites, or that the template refuses (`raise_exception`), is
+unusable with that reason; it never stops the job.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from jinja2 import TemplateError, TemplateSyntaxError
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -54,6 +59,33 @@ class TokenizeReport:
 
 
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# Reasons a template gives for refusing a row, e.g. Mistral's alternating roles, Gemma-2's system turn.
+REFUSED = "chat template refused the row: "
+# Part of the tokenization cache key: a change to how masks are drawn must not reuse old masks.
+MASK_RULES = 2
+
+
+class RowError(Exception):
+    """A row this model's template cannot render or mask; the message is the reason counted."""
+
+
+def _find(text: str, content: str, start: int) -> tuple[int, int]:
+    """Where `content` is rendered in `text` from `start`, verbatim or trimmed (Llama-3 and Gemma trim it).
+
+    The earlier of the two wins (the verbatim form on a tie): a trimmed rendering comes before
+    any later verbatim repeat, and a verbatim one before the trimmed text inside it.
+
+    Returns:
+        (position, length), or (-1, 0) when it is not there.
+    """
+    hits = [(text.find(needle, start), len(needle)) for needle in (content, content.strip()) if needle]
+    return min(((at, n) for at, n in hits if at >= 0), key=lambda h: (h[0], -h[1]), default=(-1, 0))
+
+
+def _shared_prefix(a: str, b: str) -> int:
+    """Length of the text two renderings start with in common."""
+    n = min(len(a), len(b))
+    return n if a[:n] == b[:n] else next(k for k in range(n) if a[k] != b[k])
 
 
 class ChatTokenizer:
@@ -66,6 +98,9 @@ class ChatTokenizer:
         truncation: What to do with a longer conversation: `right` keeps its first `max_length`
             tokens, `left` its last ones (the latest turns, trimming the prompt from the left),
             `drop` makes it unusable ("too long").
+
+    Raises:
+        DataError: when neither the spec nor the tokenizer has a chat template.
     """
 
     def __init__(
@@ -85,6 +120,7 @@ class ChatTokenizer:
         bos = tokenizer.bos_token_id
         with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
         self.prepend_bos = bos is not None and with_special[:1] == [bos]
+        self.control_ids = set(tokenizer.added_tokens_decoder)
 
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         return self.tok.apply_chat_template(
@@ -94,35 +130,69 @@ class ChatTokenizer:
     def assistant_char_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
         """The full rendering and, per assistant turn, the character span to train on.
 
-        A span covers the turn's content and the end-of-turn text the template closes it with,
-        without trailing whitespace (formatting between turns, never generated).
+        A span covers the turn's content as rendered and the end-of-turn text the template
+        closes it with, without trailing whitespace (formatting between turns, never generated).
 
         Raises:
-            DataError: if the template's renderings are not prefixes of one another.
+            RowError: when the template rewrites an assistant turn's content so it cannot be found.
+            jinja2.TemplateError: when the template refuses the row (`raise_exception`).
         """
         full = self._render(messages, generation_prompt=False)
-        spans = []
+        # Per assistant turn: the rendering up to its generation prompt, and up to and including it.
+        prefixes = {
+            i: (self._render(messages[:i], generation_prompt=True) if i else "", self._render(messages[: i + 1], False))
+            for i, m in enumerate(messages)
+            if m["role"] == "assistant"
+        }
+        if all(full.startswith(through) and through.startswith(before) for before, through in prefixes.values()):
+            spans = []
+            for i, (before, through) in prefixes.items():
+                turn = through[len(before) :]
+                at, n = _find(turn, messages[i]["content"], 0)
+                if at < 0:
+                    raise RowError(f"chat template rewrites assistant turn {i}'s content")
+                spans.append((len(before) + at, len(before) + max(at + n, len(turn.rstrip()))))
+            return full, spans
+        if GENERATION_BLOCK.search(self.template):
+            return self._generation_marker_spans(messages)
+        return full, self._located_spans(messages, full, prefixes)
+
+    def _located_spans(
+        self, messages: list[dict[str, str]], full: str, prefixes: dict[int, tuple[str, str]]
+    ) -> list[tuple[int, int]]:
+        """Spans for a template that renders history differently from a last turn (Qwen3, Phi-3's eos).
+
+        Each message's content is found in the full rendering after the previous one's, so an
+        answer "4" is not found inside an earlier "2+2=4?"; an assistant turn's content is also
+        looked for only after the text its generation prompt shares with the full rendering. Its
+        end-of-turn marker is the first word the template writes after that content when the
+        turn is the last message, trained when the full rendering has it there too.
+        """
+        spans, cursor = [], 0
         for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            before = self._render(messages[:i], generation_prompt=True) if i else ""
-            through = self._render(messages[: i + 1], generation_prompt=False)
-            if not (full.startswith(through) and through.startswith(before)):
-                if GENERATION_BLOCK.search(self.template):
-                    return self._generation_marker_spans(messages)
-                raise DataError(
-                    "chat template renders a conversation differently from its prefixes "
-                    f"(assistant turn {i}) and has no {{% generation %}} markers; its assistant tokens "
-                    "cannot be located. Add generation markers to the template (chat_template in the spec)"
-                )
-            turn = through[len(before) :]
-            content_at = turn.find(m["content"])
-            if content_at < 0:
-                raise DataError(f"chat template does not render assistant turn {i}'s content verbatim")
-            start = len(before) + content_at
-            end = len(before) + len(turn.rstrip())
-            spans.append((start, end))
-        return full, spans
+            if m["role"] == "system":
+                continue  # templates move it (into the first or last user turn) or drop it
+            if m["role"] == "assistant":
+                before, through = prefixes[i]
+                cursor = max(cursor, _shared_prefix(before, full))
+            at, n = _find(full, m["content"], cursor)
+            if at < 0:
+                if m["role"] == "assistant":
+                    raise RowError(f"chat template rewrites assistant turn {i}'s content")
+                continue  # a user turn the template reshapes: the next assistant turn is still bounded
+            cursor = at + n
+            if m["role"] == "assistant":
+                # Where the content sits in the rendering that ends with this turn: after the text that
+                # rendering shares with the generation prompt or with the full one, and not after `at`.
+                start = min(at, max(_shared_prefix(before, through), _shared_prefix(through, full)))
+                last_at, last_n = _find(through, m["content"], start)
+                if last_at < 0:
+                    raise RowError(f"chat template rewrites assistant turn {i}'s content")
+                end_of_turn = re.match(r"\s*\S*", through[last_at + last_n :]).group()
+                if full.startswith(end_of_turn, cursor):
+                    cursor += len(end_of_turn)
+                spans.append((at, cursor))
+        return spans
 
     def _generation_marker_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
         """Spans from the template's own `{% generation %}` blocks (for templates that rewrite history)."""
@@ -131,7 +201,7 @@ class ChatTokenizer:
         )
         full = rendered[0]
         if not indices[0]:
-            raise DataError("chat template's {% generation %} blocks mark no assistant text")
+            raise RowError("chat template's {% generation %} blocks mark no assistant text")
         # The blocks' end-of-turn marker may sit just outside them; trained when it directly follows.
         spans = []
         for start, end in indices[0]:
@@ -145,14 +215,31 @@ class ChatTokenizer:
         """Tokenize one conversation.
 
         Returns:
-            (sample, None), or (None, reason) when the sample has no response token left.
+            (sample, None), or (None, reason) when the template refuses or cannot mask the row,
+            or the sample has no response token left.
+
+        Raises:
+            jinja2.TemplateSyntaxError: when the template itself is broken (every row would fail;
+                `poft-ds validate` reports it first).
         """
-        text, spans = self.assistant_char_spans(messages)
+        try:
+            text, spans = self.assistant_char_spans(messages)
+        except RowError as e:
+            return None, str(e)
+        except TemplateSyntaxError:
+            raise
+        except TemplateError as e:
+            return None, REFUSED + str(e)
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
         if self.prepend_bos and not text.startswith(self.tok.bos_token or "\0"):
             ids, offsets = [self.tok.bos_token_id] + ids, [(0, 0)] + offsets
-        mask = [any(s < e_tok and b_tok < e and b_tok < e_tok for s, e in spans) for b_tok, e_tok in offsets]
+        # A token is trained when it overlaps a span; a control token only when it starts in one,
+        # since one that absorbs the whitespace after it (Phi-3's `rstrip`) reaches into the content.
+        mask = [
+            b < e_tok and any(s < e_tok and b < e and (b >= s or i not in self.control_ids) for s, e in spans)
+            for i, (b, e_tok) in zip(ids, offsets)
+        ]
         if len(ids) > self.max_length:
             if self.truncation == "drop":
                 return None, "too long"
@@ -196,7 +283,9 @@ def _cache_key(rows: list[Row], chat: ChatTokenizer) -> str:
             f.name.startswith(("tokenizer", "special_tokens", "added_tokens")) or f.suffix in (".model", ".jinja")
         ):
             h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
-    h.update(f"{chat.template}|{chat.max_length}|{chat.truncation}|{chat.prepend_bos}|{__version__}".encode())
+    h.update(
+        f"{chat.template}|{chat.max_length}|{chat.truncation}|{chat.prepend_bos}|{__version__}|{MASK_RULES}".encode()
+    )
     return h.hexdigest()[:32]
 
 

@@ -31,7 +31,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from poft_ds.spec import JobSpec, SpecError
+from poft_ds.spec import JobSpec, SpecError, TimeoutsSpec
 
 
 @dataclass(frozen=True)
@@ -141,52 +141,66 @@ class Worlds:
         role: This rank's role; its world is torch.distributed's default group.
         identity: The launcher's view of this rank.
         bridge: Gloo group over all global ranks, for scores and cross-role agreement.
-        timeout: How long any cross-role wait may last.
+        timeouts: How long each kind of wait may last (`timeouts` in the spec).
         device: The torch device this rank computes on.
     """
 
     role: Role
     identity: LaunchIdentity
     bridge: dist.ProcessGroup
-    timeout: datetime.timedelta
+    timeouts: TimeoutsSpec
     device: torch.device
 
-    def bridge_barrier(self) -> None:
+    def bridge_barrier(self, what: str, timeout_s: float, field: str) -> None:
         """Wait for every rank of the job, or fail after the timeout."""
-        _wait(self.bridge.barrier(), self, "every rank to reach the barrier")
+        _wait(self.bridge.barrier(), self, what, timeout_s, field)
 
     def bridge_allreduce_min(self, t: torch.Tensor) -> torch.Tensor:
-        """Element-wise minimum of a CPU tensor over every rank of the job."""
+        """Element-wise minimum of a CPU tensor over every rank of the job (during start-up)."""
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MIN
-        _wait(self.bridge.allreduce([t], opts), self, "every rank's data validity mask")
+        _wait(
+            self.bridge.allreduce([t], opts),
+            self,
+            "every rank to finish preparing the data (validity mask)",
+            self.timeouts.startup_s,
+            "timeouts.startup_s",
+        )
         return t
 
     def send(self, t: torch.Tensor, dst: int) -> dist.Work:
         """Start sending a CPU tensor to global rank `dst` over the bridge."""
         return self.bridge.send([t], dst, 0)
 
-    def recv(self, t: torch.Tensor, src: int, what: str) -> None:
-        """Receive a CPU tensor from global rank `src`, failing after the timeout with `what`."""
-        _wait(lambda: self.bridge.recv([t], src, 0), self, f"{what} from global rank {src}")
+    def recv(self, t: torch.Tensor, src: int, what: str, timeout_s: float, field: str) -> None:
+        """Receive a CPU tensor from global rank `src`, failing after `timeout_s` with `what`."""
+        _wait(lambda: self.bridge.recv([t], src, 0), self, f"{what} from global rank {src}", timeout_s, field)
 
 
-def _wait(work: dist.Work | Callable[[], dist.Work], worlds: Worlds, what: str) -> None:
-    """Wait for a bridge operation; any failure (timeout, dead peer) names this rank and what it awaited."""
+def _wait(work: dist.Work | Callable[[], dist.Work], worlds: Worlds, what: str, timeout_s: float, field: str) -> None:
+    """Wait for a bridge operation; any failure (timeout, dead peer) names this rank and what it awaited.
+
+    Args:
+        work: The operation, or a function that starts it.
+        worlds: This rank's groups (for the message).
+        what: What is awaited, for the message.
+        timeout_s: How long to wait.
+        field: The spec field that sets `timeout_s`, for the message.
+    """
     try:
-        (work() if callable(work) else work).wait(worlds.timeout)
+        (work() if callable(work) else work).wait(datetime.timedelta(seconds=timeout_s))
     except RuntimeError as e:
         lost = "closed" in str(e).lower() or "reset" in str(e).lower()
         raise RuntimeError(
             f"[rank {worlds.identity.global_rank} {worlds.role.name}] "
             + (f"lost the peer while waiting for {what}" if lost else f"gave up waiting for {what}")
-            + f" (timeout {worlds.timeout.total_seconds():.0f}s, reference.timeout_s): {e}"
+            + f" (timeout {timeout_s:.0f}s, {field}): {e}"
         ) from e
 
 
-def wait_send(work: dist.Work, worlds: Worlds, what: str) -> None:
+def wait_send(work: dist.Work, worlds: Worlds, what: str, timeout_s: float, field: str) -> None:
     """Wait for a send started with `Worlds.send` to be received, or fail after the timeout."""
-    _wait(work, worlds, what)
+    _wait(work, worlds, what, timeout_s, field)
 
 
 def _device_for(local_rank: int) -> torch.device:
@@ -223,7 +237,11 @@ def init_worlds(spec: JobSpec) -> Worlds:
             f"{spec.world_size} (topology.nodes x topology.procs_per_node)"
         )
     role = role_of(spec, ident.global_rank)
-    timeout = datetime.timedelta(seconds=spec.reference.timeout_s)
+    # Store look-ups happen during start-up; a collective inside a role may wait through a peer's
+    # checkpoint or start-up, so the process groups get the longest wait; the bridge's individual
+    # waits are bounded by what they wait for (`_wait`).
+    startup = datetime.timedelta(seconds=spec.timeouts.startup_s)
+    timeout = datetime.timedelta(seconds=spec.timeouts.longest)
 
     # torchrun's agent already hosts a TCPStore on MASTER_PORT; everyone joins it as a client.
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
@@ -232,7 +250,7 @@ def init_worlds(spec: JobSpec) -> Worlds:
         ident.master_port,
         world_size=None if agent_store else ident.world_size,
         is_master=ident.global_rank == 0 and not agent_store,
-        timeout=timeout,
+        timeout=startup,
         wait_for_workers=False,
     )
     run_prefix = f"poft/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
@@ -267,7 +285,7 @@ def init_worlds(spec: JobSpec) -> Worlds:
         f"role={role.name} role_rank={role.rank}/{role.size} local_rank={ident.local_rank} device={device}",
         flush=True,
     )
-    return Worlds(role=role, identity=ident, bridge=bridge, timeout=timeout, device=device)
+    return Worlds(role=role, identity=ident, bridge=bridge, timeouts=spec.timeouts, device=device)
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; run again to resume
@@ -326,11 +344,26 @@ def bridge_broadcast_int(worlds: Worlds, value: int) -> int:
     t = torch.tensor([value], dtype=torch.long)
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
-    _wait(worlds.bridge.broadcast([t], opts), worlds, "global rank 0's decision")
+    _wait(
+        worlds.bridge.broadcast([t], opts),
+        worlds,
+        "global rank 0's decision",
+        worlds.timeouts.startup_s,
+        "timeouts.startup_s",
+    )
     return int(t.item())
 
 
 def shutdown(worlds: Worlds) -> None:
-    """Leave in step with every rank (so the store host outlives its clients) and free the groups."""
-    worlds.bridge_barrier()
+    """Leave in step with every rank (so the store host outlives its clients) and free the groups.
+
+    Reference ranks get here while the trainers still finish their last steps, checkpoint and
+    export the final model.
+    """
+    t = worlds.timeouts
+    worlds.bridge_barrier(
+        "every rank to finish (trainers: last steps, checkpoint, final model)",
+        t.step_s + 2 * t.checkpoint_s,
+        "timeouts.step_s + 2 x timeouts.checkpoint_s",
+    )
     dist.destroy_process_group()

@@ -1,8 +1,8 @@
 """Pre-flight checks on a job's data and chat templates, run on one process before any rank starts.
 
-`check_templates` proves every model's template can be masked (an error names the field);
-`inspect_data` tokenizes the data under every model and reports what is usable (`poft-ds data
-inspect`).
+`check_templates` proves every model's template can be masked (an error names the field and the
+model); `inspect_data` tokenizes the data under every model and reports what is usable (`poft-ds
+data inspect`).
 """
 
 from __future__ import annotations
@@ -10,18 +10,20 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from jinja2 import TemplateSyntaxError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from poft_ds.data import ChatTokenizer, tokenize_rows
+from poft_ds.data import REFUSED, ChatTokenizer, tokenize_rows
 from poft_ds.formats import DataError, load_rows
 from poft_ds.spec import JobSpec, ModelSpec, SpecError
 
+# Several turns, with contents that start and end with whitespace (which some templates trim).
 PROBE = [
     {"role": "system", "content": "You are helpful."},
-    {"role": "user", "content": "Hello?"},
-    {"role": "assistant", "content": "Hi."},
-    {"role": "user", "content": "Bye?"},
-    {"role": "assistant", "content": "Bye."},
+    {"role": "user", "content": " Hello?\n"},
+    {"role": "assistant", "content": "\nHi there. "},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": " 4\n"},
 ]
 
 
@@ -44,6 +46,9 @@ def load_tokenizer(model: ModelSpec) -> PreTrainedTokenizerBase:
 def check_templates(spec: JobSpec) -> None:
     """Mask a probe conversation under every model's template; raise naming each model that fails.
 
+    A template that refuses the probe's system turn (Gemma-2, Mistral-Instruct) is probed without
+    it: it can still train on rows without one, and `poft-ds data inspect` names the rows it refuses.
+
     Raises:
         SpecError: listing every model whose tokenizer or chat template cannot be used.
     """
@@ -51,11 +56,17 @@ def check_templates(spec: JobSpec) -> None:
     for field, name, model in job_models(spec):
         try:
             chat = ChatTokenizer(load_tokenizer(model), 10_000, model.chat_template)
-            _, reason = chat(PROBE)
-            if reason:
-                raise DataError(reason)
             if not getattr(chat.tok, "is_fast", False):
                 raise DataError("a fast (Rust) tokenizer is needed for character offsets")
+            _, reason = chat(PROBE)
+            if reason and reason.startswith(REFUSED):
+                _, reason = chat(PROBE[1:])
+            if reason:
+                raise DataError(reason)
+        except TemplateSyntaxError as e:
+            problems.append(
+                f"  {field}.chat_template: {name}'s template does not compile: {e.message} (line {e.lineno})"
+            )
         except (DataError, OSError, ValueError) as e:
             problems.append(f"  {field}.chat_template: {name}'s template cannot be masked: {e}")
     if problems:

@@ -7,9 +7,11 @@ trainer loop (`poft_ds.train`) or the reference loop (`poft_ds.reference`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -50,6 +52,29 @@ class PreparedData:
     keys: list[str | None]
     ref_scores: list[float | None]
     eval_rows: tuple[int, ...] = ()
+
+    def fingerprint(self, spec: JobSpec) -> dict[str, Any]:
+        """What the sample order depends on; a checkpoint records it and a resume compares it.
+
+        `data` hashes the content of the usable and held-out rows in order, so it changes with the
+        files, their order, filters, the hold-out and anything that makes rows unusable.
+        """
+        h = hashlib.sha256()
+        for i in (*self.schedule.usable, -1, *self.eval_rows):
+            h.update((self.keys[i] or "-").encode() if i >= 0 else b"|")
+        t, d = spec.training, spec.data
+        return {
+            "data": h.hexdigest()[:16],
+            "samples": len(self.schedule.usable),
+            "seed": spec.seed,
+            "global_batch_size": t.global_batch_size,
+            "micro_batch_size": t.micro_batch_size,
+            "trainer_ranks": spec.trainer_ranks,
+            "group_by_length": d.group_by_length,
+            "eval_fraction": d.eval_fraction,
+            "filter_min_score": d.filter_min_score,
+            "filter_min_quantile": d.filter_min_quantile,
+        }
 
 
 def model_of_role(spec: JobSpec, worlds: Worlds) -> ModelSpec:
@@ -145,20 +170,41 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
     return PreparedData(samples, schedule, [r.where for r in rows], keys, [r.ref_score for r in rows], eval_rows)
 
 
-def agree_on_resume_step(spec: JobSpec, worlds: Worlds) -> int:
+REFUSED = -1  # broadcast instead of a step when global rank 0 refuses to resume
+
+
+def agree_on_resume_step(spec: JobSpec, worlds: Worlds, data: PreparedData) -> int:
     """The step every rank continues from: global rank 0 (trainer 0) picks the newest verified
     checkpoint (`checkpoint.resume: auto`), or 0; the choice is broadcast to all ranks.
 
-    Raises:
-        RuntimeError: with `checkpoint.resume: required` and no usable checkpoint.
-    """
-    from poft_ds.checkpoint import newest_valid_checkpoint
+    A checkpoint written under another schedule (data, seed, batch sizes, filters) is refused
+    unless `checkpoint.allow_schedule_change` is set: the run would silently follow another order.
 
-    step = 0
+    Raises:
+        RuntimeError: with `checkpoint.resume: required` and no usable checkpoint, or when the
+            schedule changed.
+    """
+    from poft_ds.checkpoint import newest_valid_checkpoint, schedule_changes
+
+    step, refusal = 0, ""
     if worlds.identity.global_rank == 0 and spec.checkpoint.resume != "never":
         found = newest_valid_checkpoint(spec)
         step = found[0] if found else 0
+        changes = schedule_changes(found[1], data.fingerprint(spec)) if found else []
+        if changes and spec.checkpoint.allow_schedule_change:
+            print(f"[poft-ds] resuming {found[1]} under a changed schedule: {'; '.join(changes)}", flush=True)
+        elif changes:
+            step, refusal = (
+                REFUSED,
+                (
+                    f"refusing to resume from {found[1]}: the schedule changed since it was written "
+                    f"({'; '.join(changes)}). Restore the old data and settings, use a new run_dir, or set "
+                    "checkpoint.allow_schedule_change: true to continue with a different sample order"
+                ),
+            )
     step = bridge_broadcast_int(worlds, step)
+    if step == REFUSED:
+        raise RuntimeError(refusal or "global rank 0 refused to resume (the schedule changed; see its message)")
     if step == 0 and spec.checkpoint.resume == "required":
         raise RuntimeError(f"checkpoint.resume: required, but {spec.run_dir}/checkpoints has no usable checkpoint")
     return step
@@ -183,7 +229,7 @@ def run_rank(spec: JobSpec, offline_scoring: bool = False) -> None:
     torch.manual_seed(spec.seed)
     tokenizer = load_tokenizer(model_of_role(spec, worlds))
     data = prepare_data(spec, worlds, tokenizer)
-    start = 0 if offline_scoring else agree_on_resume_step(spec, worlds)
+    start = 0 if offline_scoring else agree_on_resume_step(spec, worlds, data)
     if worlds.role.kind == "trainer":
         from poft_ds.checkpoint import checkpoint_root
         from poft_ds.train import train

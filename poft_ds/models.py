@@ -1,18 +1,28 @@
-"""Loading Hugging Face models into DeepSpeed ZeRO-3 engines."""
+"""Loading Hugging Face models into DeepSpeed ZeRO-3 engines, and what each rank holds of them."""
 
 from __future__ import annotations
 
+import json
+import socket
+from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
+import torch.nn as nn
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
-from poft_ds.scoring import ResponseScorer
+from poft_ds.distributed import Worlds
+from poft_ds.files import atomic_write
+from poft_ds.scoring import ResponseScorer, check_head
 from poft_ds.spec import ModelSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# Largest tolerated difference of a probe's mean log-probability between the direct output-head
+# path and the model's forward: the same arithmetic agrees far closer; a head transform differs by
+# whole nats.
+HEAD_CHECK_ATOL = {"bf16": 2e-2, "fp32": 1e-4}
 
 
 def load_scorer(model: ModelSpec, ds_config: dict[str, Any], precision: str) -> ResponseScorer:
@@ -28,7 +38,7 @@ def load_scorer(model: ModelSpec, ds_config: dict[str, Any], precision: str) -> 
         trust_remote_code=model.trust_remote_code,
         use_safetensors=None,
     )
-    return ResponseScorer(lm)
+    return ResponseScorer(lm, model.head_chunk_tokens)
 
 
 def inference_engine(scorer: ResponseScorer, ds_config: dict[str, Any]) -> deepspeed.DeepSpeedEngine:
@@ -38,3 +48,57 @@ def inference_engine(scorer: ResponseScorer, ds_config: dict[str, Any]) -> deeps
     engine, *_ = deepspeed.initialize(model=scorer, config=ds_config)
     engine.eval()
     return engine
+
+
+def verify_head(engine: deepspeed.DeepSpeedEngine, worlds: Worlds, precision: str, name: str) -> None:
+    """Check on a probe batch that scoring through the output head equals the model's forward.
+
+    Every rank of the role calls this together; on a difference the scorer switches to the full
+    forward, and role rank 0 says why.
+    """
+    was_training = engine.module.training
+    engine.eval()
+    why = check_head(engine, worlds.device, HEAD_CHECK_ATOL[precision])
+    if was_training:
+        engine.train()
+    if why and worlds.role.rank == 0:
+        print(f"[poft-ds] {name}: {why}", flush=True)
+
+
+def shard_record(module: nn.Module) -> dict[str, Any]:
+    """What this rank holds of a (possibly ZeRO-3 partitioned) model, parameter by parameter.
+
+    A partitioned parameter keeps its full size in `ds_numel` and this rank's slice in
+    `ds_tensor`; a persistent one (below `stage3_param_persistence_threshold`) is held whole.
+    """
+    params = []
+    for name, p in module.named_parameters():
+        full = getattr(p, "ds_numel", p.numel())
+        persistent = bool(getattr(p, "ds_persist", False)) or not hasattr(p, "ds_tensor")
+        params.append(
+            {
+                "name": name,
+                "shape": list(getattr(p, "ds_shape", p.shape)),
+                "numel": full,
+                "local": full if persistent else p.ds_tensor.numel(),
+                "persistent": persistent,
+            }
+        )
+    total, local = sum(p["numel"] for p in params), sum(p["local"] for p in params)
+    return {"numel": total, "local": local, "local_fraction": local / max(total, 1), "params": params}
+
+
+def write_rank_record(run_dir: str, worlds: Worlds, model_path: str, module: nn.Module) -> None:
+    """Write `ranks/rank<N>.json`: this rank's host, role, device, model and shard of it."""
+    ident, role = worlds.identity, worlds.role
+    record = {
+        "host": socket.gethostname(),
+        "global_rank": ident.global_rank,
+        "role": role.name,
+        "role_rank": role.rank,
+        "role_size": role.size,
+        "local_rank": ident.local_rank,
+        "device": str(worlds.device),
+        "model": model_path,
+    } | shard_record(module)
+    atomic_write(Path(run_dir) / "ranks" / f"rank{ident.global_rank}.json", json.dumps(record, indent=1).encode())

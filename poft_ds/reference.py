@@ -24,7 +24,7 @@ from poft_ds.data import collate, pad_token_id
 from poft_ds.distributed import Worlds, local_stop_requested, wait_send
 from poft_ds.ds_config import reference_config, resolve_precision
 from poft_ds.job import PreparedData
-from poft_ds.models import inference_engine, load_scorer
+from poft_ds.models import inference_engine, load_scorer, verify_head, write_rank_record
 from poft_ds.schedule import first_trainer_of, length_grouped_batches, reference_positions, shared_positions
 from poft_ds.score_store import ScoreStore, model_fingerprint, scorer_id
 from poft_ds.spec import JobSpec
@@ -58,6 +58,8 @@ class GroupScorer:
         self.preloaded = len(self.known)
         ds_config = reference_config(spec, precision)
         self.engine = inference_engine(load_scorer(self.model, ds_config, precision), ds_config)
+        verify_head(self.engine, worlds, precision, self.model.name)
+        write_rank_record(spec.run_dir, worlds, self.model.path, self.engine.module)
         self.pad = pad_token_id(tokenizer)
         self.dummy = collate([data.samples[data.schedule.usable[0]]], self.pad)
         self.dummy.response_mask.zero_()
@@ -145,17 +147,31 @@ def serve_scores(
                 # Trainers are global ranks [0, trainer_ranks); keep the buffer alive until sent.
                 pending.append((step, trainer, t, worlds.send(t, trainer)))
         while pending and pending[0][0] <= step - spec.reference.prefetch_steps:
-            _, trainer, _, work = pending.popleft()
-            wait_send(work, worlds, f"trainer rank {trainer} to take {scorer.model.name}'s scores")
+            _wait_taken(pending.popleft(), worlds, scorer.model.name, start)
         # On SIGTERM/SIGUSR1 save new scores at once; keep serving until the trainers checkpoint.
         if (step + 1) % spec.score_store.flush_every_steps == 0 or (local_stop_requested() and not flushed_on_signal):
             scorer.flush()
             flushed_on_signal = local_stop_requested()
     scorer.flush()
     while pending:
-        _, trainer, _, work = pending.popleft()
-        wait_send(work, worlds, f"trainer rank {trainer} to take {scorer.model.name}'s scores")
+        _wait_taken(pending.popleft(), worlds, scorer.model.name, start)
     print(scorer.summary(), flush=True)
+
+
+def _wait_taken(sent: tuple[int, int, torch.Tensor, object], worlds: Worlds, model: str, start: int) -> None:
+    """Wait until a trainer has received a step's scores.
+
+    Trainers take a step's scores when they begin that step: the first one after they loaded the
+    model (start-up), later ones after the previous step, which may end with a checkpoint.
+    """
+    step, trainer, _, work = sent
+    t = worlds.timeouts
+    if step == start:
+        timeout, field = t.startup_s, "timeouts.startup_s"
+    else:
+        timeout, field = t.step_s + t.checkpoint_s, "timeouts.step_s + timeouts.checkpoint_s"
+    what = f"trainer rank {trainer} to take {model}'s scores of step {step + 1}"
+    wait_send(work, worlds, what, timeout, field)
 
 
 def score_dataset(spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -29,7 +29,8 @@ class Schedule:
         micro_batch: Samples per trainer forward pass.
         trainers: Trainer ranks.
         epochs: Passes over the data.
-        max_steps: Optional cap on optimizer steps.
+        max_steps: Optimizer steps; when set it overrides `epochs` (as in Hugging Face's
+            TrainingArguments), cycling through as many epochs as it needs.
         lengths: Optional per-row sizes (tokenizer-independent, e.g. characters); when given, each
             global batch is grouped by length so micro-batches hold similar lengths (less padding).
     """
@@ -57,8 +58,12 @@ class Schedule:
 
     @property
     def total_steps(self) -> int:
-        total = self.steps_per_epoch * self.epochs
-        return min(total, self.max_steps) if self.max_steps else total
+        return self.max_steps if self.max_steps else self.steps_per_epoch * self.epochs
+
+    @property
+    def total_epochs(self) -> float:
+        """Passes over the data the run makes (fractional when max_steps ends mid-epoch)."""
+        return self.total_steps / max(self.steps_per_epoch, 1)
 
     def global_batch_at(self, step: int) -> list[int]:
         """Row indices of optimizer step `step` (0-based), in position order."""

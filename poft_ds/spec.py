@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from poft_ds import REPO_ROOT
 
+DEFAULT_MAX_LENGTH = 1024
+
 
 class SpecError(ValueError):
     """A job spec that cannot be run; the message lists every problem with its field path."""
@@ -36,12 +38,21 @@ class ModelSpec(_Strict):
         None,
         description="Jinja chat template overriding the tokenizer's own (a string or a .jinja file).",
     )
-    max_length: int = Field(1024, gt=1, description="Maximum tokens per sample, prompt included.")
+    max_length: int | None = Field(
+        None,
+        gt=1,
+        description="Maximum tokens per sample, prompt included (target default 1024; aligned models: the target's).",
+    )
     truncation: Literal["right", "left", "drop"] = Field(
         "right",
         description="Longer samples: keep the first max_length tokens, the last ones, or drop the sample.",
     )
     trust_remote_code: bool = Field(False, description="Allow code shipped with the model to run.")
+    head_chunk_tokens: int = Field(
+        2048,
+        ge=1,
+        description="Response positions per output-head chunk: bounds float32 logits at chunk x vocabulary.",
+    )
 
 
 class AlignedModelSpec(ModelSpec):
@@ -116,7 +127,9 @@ class TrainingSpec(_Strict):
     """Optimisation: steps, batch arithmetic, learning rate."""
 
     epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps to train; overrides epochs (cycling through the data as needed)."
+    )
     learning_rate: float = Field(1e-6, gt=0.0, description="Peak learning rate (paper: 1e-6 for 7B PoFT).")
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
@@ -157,7 +170,27 @@ class ReferenceSpec(_Strict):
     """How reference ranks feed scores to the trainers."""
 
     prefetch_steps: int = Field(2, ge=1, description="Optimizer steps reference ranks may score ahead.")
-    timeout_s: float = Field(600.0, gt=0.0, description="Longest wait for a peer before the job fails.")
+
+
+class TimeoutsSpec(_Strict):
+    """How long a rank waits for its peers, by what it waits for, before the job fails naming the wait.
+
+    Defaults are sized for 7B models on real data: loading a sharded 7B model or tokenizing
+    200,000 rows under one model's template takes many minutes, a ZeRO-3 checkpoint of a 7B
+    model with its optimizer state several.
+    """
+
+    startup_s: float = Field(
+        3600.0, gt=0.0, description="Rendezvous, data preparation, model loading and the first step's scores."
+    )
+    step_s: float = Field(1800.0, gt=0.0, description="One step's scores to arrive (or be taken by a trainer).")
+    checkpoint_s: float = Field(
+        3600.0, gt=0.0, description="Writing one checkpoint or the final model, which peers wait through."
+    )
+
+    @property
+    def longest(self) -> float:
+        return self.startup_s + self.step_s + 2 * self.checkpoint_s
 
 
 class ScoreStoreSpec(_Strict):
@@ -181,6 +214,11 @@ class CheckpointSpec(_Strict):
         "auto", description="auto: continue from the newest usable checkpoint in run_dir when there is one."
     )
     save_final_model: bool = Field(True, description="Export a Hugging Face model directory at the end.")
+    allow_schedule_change: bool = Field(
+        False,
+        description="Resume even when the data, seed, batch sizes or filters differ from the checkpoint's "
+        "(the sample order then differs from an uninterrupted run).",
+    )
 
 
 class LoggingSpec(_Strict):
@@ -253,6 +291,7 @@ class JobSpec(_Strict):
     topology: TopologySpec
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     reference: ReferenceSpec = Field(default_factory=ReferenceSpec)
+    timeouts: TimeoutsSpec = Field(default_factory=TimeoutsSpec)
     score_store: ScoreStoreSpec = Field(default_factory=ScoreStoreSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
@@ -295,6 +334,12 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> JobSpec:
+        # Aligned models score the same samples as the target: by default over the same length.
+        if self.model.max_length is None:
+            self.model.max_length = DEFAULT_MAX_LENGTH
+        for m in self.aligned_models:
+            if m.max_length is None:
+                m.max_length = self.model.max_length
         problems: list[str] = []
         names = [m.name for m in self.aligned_models]
         if len(set(names)) != len(names):
@@ -356,9 +401,13 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def scoring_spec(spec: JobSpec) -> JobSpec:
-    """The job as `poft-ds score` runs it: only the aligned models' reference ranks, on one node."""
+    """The job as `poft-ds score` runs it: only the aligned models' reference ranks, on one node.
+
+    Filters by reference score are dropped: scoring is what fills the store they read.
+    """
     topology = TopologySpec(nodes=1, procs_per_node=sum(m.ranks for m in spec.aligned_models))
-    scoring = spec.model_copy(update={"topology": topology})
+    data = spec.data.model_copy(update={"filter_min_score": None, "filter_min_quantile": None})
+    scoring = spec.model_copy(update={"topology": topology, "data": data})
     scoring._templated = spec._templated
     return scoring
 

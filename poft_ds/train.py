@@ -5,7 +5,14 @@ Per optimizer step, each trainer rank:
   2. for each of its micro-batches: scores the samples under the target (mean response-token
      log-probability), computes the loss, and lets DeepSpeed accumulate the gradients;
   3. after the last micro-batch DeepSpeed clips, steps AdamW and the schedule;
-  4. rank 0 logs the step's metrics, averaged over all trainer ranks.
+  4. rank 0 logs the step's metrics, summed over all trainer ranks.
+
+The loss of a step is defined over the whole global batch, whatever its split into trainers and
+micro-batches: PoFT's per-sample mean over the global batch's samples, SFT's token mean over the
+global batch's response tokens (so micro-batch size, trainer count and length grouping change
+nothing; transformers fixed the same problem with `num_items_in_batch`). DeepSpeed divides each
+micro-batch's loss by the accumulation steps and averages gradients over trainer ranks, so each
+micro-batch passes its share of the global sum times `grad_accum x trainers`.
 """
 
 from __future__ import annotations
@@ -28,13 +35,18 @@ from poft_ds.distributed import PREEMPTED_MARKER, Preempted, Worlds, preemption_
 from poft_ds.ds_config import resolve_precision, trainer_config
 from poft_ds.job import PreparedData, save_resolved_spec
 from poft_ds.loss import aggregate_reference_scores, poft_loss
-from poft_ds.models import load_scorer
+from poft_ds.models import load_scorer, verify_head, write_rank_record
 from poft_ds.schedule import shared_positions
 from poft_ds.spec import JobSpec
 
 
-def build_engine(spec: JobSpec, precision: str, total_steps: int) -> deepspeed.DeepSpeedEngine:
-    """Load the target under ZeRO-3 and wrap it with AdamW and the learning-rate schedule."""
+def build_engine(spec: JobSpec, worlds: Worlds, precision: str, total_steps: int) -> deepspeed.DeepSpeedEngine:
+    """Load the target under ZeRO-3 and wrap it with AdamW and the learning-rate schedule.
+
+    With the optimizer offloaded to the CPU (`offload_optimizer` in the DeepSpeed config) AdamW is
+    DeepSpeed's CPU Adam, which the offload path requires and which is several times faster than
+    torch's AdamW on the CPU.
+    """
     ds_config = trainer_config(spec, precision)
     scorer = load_scorer(spec.model, ds_config, precision)
     t = spec.training
@@ -45,12 +57,14 @@ def build_engine(spec: JobSpec, precision: str, total_steps: int) -> deepspeed.D
     params = [p for p in scorer.parameters() if p.requires_grad]
     decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
     no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.learning_rate,
-        betas=t.adam_betas,
-        eps=t.adam_eps,
-    )
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    offload = ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none")
+    if offload in ("cpu", "nvme"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=t.learning_rate, betas=t.adam_betas, eps=t.adam_eps, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=t.adam_betas, eps=t.adam_eps)
     schedule_name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.lr_schedule]
 
     def make_schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -59,13 +73,17 @@ def build_engine(spec: JobSpec, precision: str, total_steps: int) -> deepspeed.D
         )
 
     engine, *_ = deepspeed.initialize(model=scorer, optimizer=optimizer, lr_scheduler=make_schedule, config=ds_config)
+    verify_head(engine, worlds, precision, "target")
+    write_rank_record(spec.run_dir, worlds, spec.model.path, engine.module)
     return engine
 
 
 def receive_reference_scores(
-    spec: JobSpec, worlds: Worlds, data: PreparedData, step: int
+    spec: JobSpec, worlds: Worlds, data: PreparedData, step: int, first_step: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This trainer's per-model scores for one step, and the reference ranks' work on it.
+
+    The first step's scores wait for the reference ranks to load their models (start-up).
 
     Returns:
         (scores, counts): [samples of this trainer, K] float64 scores in position order, and
@@ -78,6 +96,8 @@ def receive_reference_scores(
     if spec.data.reference_score_column:
         rows = schedule.global_batch_at(step)
         return torch.tensor([[data.ref_scores[rows[p]]] for p in positions], dtype=torch.float64), counts
+    t = spec.timeouts
+    wait = (t.startup_s, "timeouts.startup_s") if first_step else (t.step_s, "timeouts.step_s")
     where = {p: i for i, p in enumerate(positions)}
     scores = torch.full((len(positions), len(spec.aligned_models)), float("nan"), dtype=torch.float64)
     first = spec.trainer_ranks
@@ -87,7 +107,12 @@ def receive_reference_scores(
             if not shared:
                 continue
             buf = torch.empty(len(shared) + 2, dtype=torch.float64)
-            worlds.recv(buf, first + j, f"step {step} scores of aligned model '{model.name}' (reference rank {j})")
+            worlds.recv(
+                buf,
+                first + j,
+                f"step {step + 1} scores of aligned model '{model.name}' (reference rank {j})",
+                *wait,
+            )
             scores[[where[p] for p in shared], k] = buf[:-2]
             counts += buf[-2:]
         first += model.ranks
@@ -152,7 +177,7 @@ def train(
     schedule = data.schedule
     poft = spec.objective.kind == "poft"
     precision = resolve_precision(spec, worlds.device)
-    engine = build_engine(spec, precision, schedule.total_steps)
+    engine = build_engine(spec, worlds, precision, schedule.total_steps)
     pad = pad_token_id(tokenizer)
     names = [m.name for m in spec.aligned_models] if poft else []
     if spec.data.reference_score_column:
@@ -164,7 +189,8 @@ def train(
             _truncate_metrics(run_dir / "metrics.jsonl", start)
             print(f"[poft-ds] resumed from {resume_from} at step {start}", flush=True)
         print(
-            f"[poft-ds] training {schedule.total_steps} steps: {len(schedule.usable)} samples, "
+            f"[poft-ds] training {schedule.total_steps} steps ({schedule.total_epochs:.3g} epochs of "
+            f"{schedule.steps_per_epoch} steps): {len(schedule.usable)} samples, "
             f"global batch {schedule.global_batch} = {schedule.trainers} trainers x {schedule.micro_batch} micro "
             f"x {schedule.grad_accum} accumulation; {schedule.leftover_per_epoch} samples per epoch left over "
             f"(incomplete last global batch)",
@@ -200,13 +226,19 @@ def _train_steps(
     poft = spec.objective.kind == "poft"
 
     mb = schedule.micro_batch
+    # DeepSpeed divides each micro-batch's loss by the accumulation steps and averages gradients
+    # over trainers; a micro-batch's share of the global-batch loss is multiplied back by both.
+    share = schedule.grad_accum * schedule.trainers
+    fingerprint = data.fingerprint(spec)
+    response_tokens = [sum(s.response_mask[1:]) if s else 0 for s in data.samples]  # scored positions
     for step in range(start, schedule.total_steps):
         t_start = time.perf_counter()
         rows = schedule.global_batch_at(step)
         positions = list(schedule.trainer_positions(rank))
+        step_tokens = sum(response_tokens[i] for i in rows)  # SFT's denominator: the whole global batch
         stats = StepStats(len(names))
         if poft:
-            ref, counts = receive_reference_scores(spec, worlds, data, step)
+            ref, counts = receive_reference_scores(spec, worlds, data, step, first_step=step == start)
             stats.add(ref_forward_passes=counts[0], ref_new_scores=counts[1])
         waited = time.perf_counter() - t_start
         for m in range(schedule.grad_accum):
@@ -218,10 +250,10 @@ def _train_steps(
                 ref_m = ref[m * mb : (m + 1) * mb]
                 s_ref = aggregate_reference_scores(ref_m, spec.objective.aggregation).to(s_target.device)
                 per_sample, weight = poft_loss(s_target, s_ref, spec.objective.beta, spec.objective.gamma)
-                loss = per_sample.mean()
+                loss = per_sample.sum() / schedule.global_batch  # this micro-batch's part of the mean
             else:
-                # Token-level cross-entropy over the micro-batch's response tokens.
-                loss = -logp_sum.sum() / n_tokens.sum()
+                # This micro-batch's part of the token-level cross-entropy of the global batch.
+                loss = -logp_sum.sum() / step_tokens
             if _nonfinite_anywhere(loss, step, m, worlds, spec.training.on_nonfinite):
                 # Skipped: a zero loss keeps ZeRO-3's collectives in step on every trainer and adds
                 # nothing to the gradients (non-finite activations would still poison them, and the
@@ -230,7 +262,7 @@ def _train_steps(
                 engine.step()
                 stats.add(skipped_micro_batches=1)
                 continue
-            engine.backward(loss)
+            engine.backward(loss * share)
             engine.step()
             if poft:
                 stats.add(weight=weight.sum(), s_ref=s_ref.sum())
@@ -267,7 +299,7 @@ def _train_steps(
             rec = {
                 "step": step + 1,
                 "epoch": schedule.epoch_of(step),
-                "loss": s["loss"] / (s["micro_batches"] or float("nan")),
+                "loss": s["loss"] if s["micro_batches"] else float("nan"),
                 "cross_entropy": -s["logp"] / (s["tokens"] or float("nan")),
                 "s_target": s["s_target"] / n,
                 "skipped_micro_batches": int(s["skipped_micro_batches"]),
@@ -289,7 +321,7 @@ def _train_steps(
             )
         stop = preemption_requested(worlds)
         if (step + 1) % spec.checkpoint.every_steps == 0 or step + 1 == schedule.total_steps or stop:
-            save_checkpoint(engine, spec, step + 1)
+            save_checkpoint(engine, spec, step + 1, fingerprint)
         if stop and step + 1 < schedule.total_steps:
             if rank == 0:
                 (Path(spec.run_dir) / PREEMPTED_MARKER).write_text(str(step + 1))

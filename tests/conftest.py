@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from poft_ds.tiny import build_assets
 
@@ -22,14 +24,46 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_assets(tmp_path_factory.mktemp("assets"), n_rows=96)
 
 
+@pytest.fixture(scope="session")
+def mistral_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerBase:
+    """Mistral-7B-v0.1's real SentencePiece tokenizer, shipped offline by `mistral-common`."""
+    mistral_common = pytest.importorskip("mistral_common")
+    folder = tmp_path_factory.mktemp("mistral")
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "add_bos_token": True,
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+            }
+        )
+    )
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert len(tok) == 32000
+    return tok
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+# ZeRO-3 configs with `stage3_param_persistence_threshold: 0`: the tiny test models have no tensor
+# above the shipped threshold (100,000 elements), so without these nothing would be partitioned,
+# gathered or released, and sharding bugs would go untested.
+PARTITIONED = {
+    "train_config": str(Path(__file__).parent / "ds_configs" / "zero3_partitioned.json"),
+    "reference_config": str(Path(__file__).parent / "ds_configs" / "zero3_inference_partitioned.json"),
+}
+
+
 def base_spec(assets: Path, run_dir: Path, **over: Any) -> dict[str, Any]:
-    """A small PoFT job on the tiny assets; keyword arguments replace top-level sections."""
+    """A small PoFT job on the tiny assets, every weight partitioned by ZeRO-3; keyword arguments
+    replace top-level sections."""
     spec: dict[str, Any] = {
         "run_dir": str(run_dir),
         "seed": 7,
@@ -44,6 +78,7 @@ def base_spec(assets: Path, run_dir: Path, **over: Any) -> dict[str, Any]:
         "topology": {"procs_per_node": 4},
         "checkpoint": {"every_steps": 3},
         "launcher": {"master_port": free_port()},
+        "deepspeed": dict(PARTITIONED),
     }
     spec.update(over)
     return spec
@@ -78,9 +113,14 @@ def start_cli(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def run_job(spec: dict[str, Any], tmp_path: Path, name: str = "job.yaml") -> Path:
-    """Launch a job, fail the test with its output if it fails, and return its run directory."""
+def run_job(spec: dict[str, Any], tmp_path: Path, name: str = "job.yaml", log: Path | None = None) -> Path:
+    """Launch a job, fail the test with its output if it fails, and return its run directory.
+
+    With `log`, the job's console output (stdout, then stderr) is written there.
+    """
     proc = launch(write_spec(spec, tmp_path / name))
+    if log is not None:
+        log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         pytest.fail(f"job failed (exit {proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return Path(spec["run_dir"])

@@ -7,11 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from transformers import AutoTokenizer
 
 from poft_ds.data import ChatTokenizer, tokenize_rows
-from poft_ds.formats import DataError, load_rows, read_source
+from poft_ds.formats import load_rows, read_source
 from poft_ds.spec import SourceSpec
 from poft_ds.tiny import ZEPHYR_TEMPLATE
 from tests.conftest import base_spec, write_spec
@@ -25,28 +24,6 @@ THREE_TURNS = [
     {"role": "user", "content": "Another?"},
     {"role": "assistant", "content": "Green."},
 ]
-
-
-@pytest.fixture(scope="module")
-def mistral_tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    """Mistral-7B-v0.1's real SentencePiece tokenizer, shipped offline by `mistral-common`."""
-    mistral_common = pytest.importorskip("mistral_common")
-    folder = tmp_path_factory.mktemp("mistral")
-    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", folder / "tokenizer.model")
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "LlamaTokenizer",
-                "add_bos_token": True,
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-                "unk_token": "<unk>",
-            }
-        )
-    )
-    tok = AutoTokenizer.from_pretrained(folder)
-    assert len(tok) == 32000
-    return tok
 
 
 def test_zephyr_mask_with_real_mistral_tokenizer_marks_assistant_content_and_eos(mistral_tokenizer) -> None:
@@ -115,8 +92,9 @@ def test_template_that_rewrites_history_is_rejected_not_mis_masked(assets: Path)
         "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     )
-    with pytest.raises(DataError, match="assistant turn 2"):
-        ChatTokenizer(tok, max_length=512, chat_template=template)(THREE_TURNS)
+    # The row is unusable, with a reason naming the turn; it does not stop the job.
+    sample, reason = ChatTokenizer(tok, max_length=512, chat_template=template)(THREE_TURNS)
+    assert sample is None and reason == "chat template rewrites assistant turn 2's content"
 
 
 def test_corrupted_jsonl_names_every_bad_row(tmp_path: Path, assets: Path) -> None:

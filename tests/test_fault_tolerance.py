@@ -99,8 +99,10 @@ def test_trainer_killed_mid_run_resumes_to_the_same_metrics(assets: Path, tmp_pa
     del out
 
 
-def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(assets: Path, tmp_path: Path) -> None:
-    spec = job(assets, tmp_path / "run")
+def test_truncated_newest_checkpoint_falls_back_and_a_changed_schedule_is_refused(assets: Path, tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    shutil.copy(assets / "data" / "train.jsonl", data)
+    spec = job(assets, tmp_path / "run", data={"train_files": [str(data)]})
     run_dir = run_job(spec, tmp_path)
     reference = read_metrics(run_dir)
     newest = run_dir / "checkpoints" / "step_00000008"
@@ -114,9 +116,23 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(assets: Path
     assert "at step 6" in again.stdout
     assert_same_metrics(read_metrics(run_dir), reference)
 
+    # One answer edited in the data file: resuming would silently follow another sample order.
+    lines = data.read_text().splitlines()
+    row = json.loads(lines[5])
+    row["messages"][-1]["content"] += " Indeed."
+    lines[5] = json.dumps(row)
+    data.write_text("\n".join(lines) + "\n")
+    refused = launch(write_spec(spec, tmp_path / "changed.yaml"))
+    assert refused.returncode != 0
+    out = refused.stdout + refused.stderr
+    assert "refusing to resume from" in out and "step_00000008" in out
+    assert re.search(r"data: '[0-9a-f]+' in the checkpoint, '[0-9a-f]+' now", out), out[-3000:]
+    assert "seed" not in out.split("refusing to resume")[1].split("Restore")[0]  # only what changed is named
+    assert_same_metrics(read_metrics(run_dir), reference)  # nothing was trained or logged
+
 
 def test_killed_reference_rank_stops_every_process_with_a_message(assets: Path, tmp_path: Path) -> None:
-    spec = job(assets, tmp_path / "run", reference={"timeout_s": 30, "prefetch_steps": 1})
+    spec = job(assets, tmp_path / "run", reference={"prefetch_steps": 1}, timeouts={"step_s": 30})
     spec["training"]["max_steps"] = 40
     proc = _start(write_spec(spec, tmp_path / "job.yaml"))
     metrics = tmp_path / "run" / "metrics.jsonl"

@@ -31,6 +31,19 @@ def test_epochs_are_seeded_permutations_and_leftovers_are_counted():
     assert Schedule(s.usable, 5, 8, 2, 2, 2, max_steps=4).total_steps == 4
 
 
+def test_max_steps_overrides_epochs_and_cycles_through_the_data():
+    # 50 usable rows, global batch 8: 6 steps an epoch (2 rows left over each epoch).
+    s = Schedule(tuple(range(50)), seed=5, global_batch=8, micro_batch=2, trainers=2, epochs=1, max_steps=20)
+    assert s.total_steps == 20 and s.total_epochs == pytest.approx(20 / 6)
+    assert [s.epoch_of(k) for k in (0, 5, 6, 12, 18, 19)] == [0, 0, 1, 2, 3, 3]
+    for epoch in range(3):  # each full epoch is a fresh permutation of 48 distinct rows
+        rows = [i for k in range(6 * epoch, 6 * epoch + 6) for i in s.global_batch_at(k)]
+        assert len(set(rows)) == 48
+    assert s.global_batch_at(6) != s.global_batch_at(0)
+    # Fewer steps than the epochs give still stops at max_steps.
+    assert Schedule(s.usable, 5, 8, 2, 2, epochs=3, max_steps=4).total_steps == 4
+
+
 def test_length_grouping_keeps_each_step_and_balances_trainers():
     lengths = tuple((i * 37) % 101 for i in range(64))
     plain = Schedule(tuple(range(64)), seed=2, global_batch=16, micro_batch=2, trainers=2, epochs=1)

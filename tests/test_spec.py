@@ -109,6 +109,31 @@ def test_env_interpolation_and_missing_variables(assets: Path, tmp_path: Path, m
         _load(spec, tmp_path)
 
 
+def test_aligned_models_inherit_the_target_max_length_and_a_shorter_one_is_warned_about(
+    assets: Path, tmp_path: Path
+) -> None:
+    spec = base_spec(assets, tmp_path / "r")
+    spec["model"]["max_length"] = 128
+    for m in spec["aligned_models"]:
+        del m["max_length"]
+    assert [m.max_length for m in _load(spec, tmp_path).aligned_models] == [128, 128]
+    del spec["model"]["max_length"]
+    loaded = _load(spec, tmp_path)
+    assert loaded.model.max_length == 1024 and [m.max_length for m in loaded.aligned_models] == [1024, 1024]
+
+    spec["model"]["max_length"] = 128
+    spec["aligned_models"][1]["max_length"] = 64
+    proc = subprocess.run(
+        [sys.executable, "-m", "poft_ds.cli", "validate", str(write_spec(spec, tmp_path / "short.yaml"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "aligned_models[1].max_length 64 < model.max_length 128" in proc.stderr
+    assert "aligned_models[0]" not in proc.stderr
+
+
 def test_examples_validate(assets: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HF_TOKEN", "hf_example")  # examples reference ${HF_TOKEN}
     specs = sorted((REPO_ROOT / "examples").rglob("*.yaml"))
