@@ -88,8 +88,10 @@ def shard_record(module: nn.Module) -> dict[str, Any]:
     return {"numel": total, "local": local, "local_fraction": local / max(total, 1), "params": params}
 
 
-def write_rank_record(run_dir: str, worlds: Worlds, model_path: str, module: nn.Module) -> None:
-    """Write `ranks/rank<N>.json`: this rank's host, role, device, model and shard of it."""
+def write_rank_record(
+    run_dir: str, worlds: Worlds, model_path: str, module: nn.Module, optimizer: str | None = None
+) -> None:
+    """Write `ranks/rank<N>.json`: this rank's host, role, device, model, optimizer and shard of the model."""
     ident, role = worlds.identity, worlds.role
     record = {
         "host": socket.gethostname(),
@@ -100,5 +102,6 @@ def write_rank_record(run_dir: str, worlds: Worlds, model_path: str, module: nn.
         "local_rank": ident.local_rank,
         "device": str(worlds.device),
         "model": model_path,
+        "optimizer": optimizer,
     } | shard_record(module)
     atomic_write(Path(run_dir) / "ranks" / f"rank{ident.global_rank}.json", json.dumps(record, indent=1).encode())

@@ -74,7 +74,7 @@ def build_engine(spec: JobSpec, worlds: Worlds, precision: str, total_steps: int
 
     engine, *_ = deepspeed.initialize(model=scorer, optimizer=optimizer, lr_scheduler=make_schedule, config=ds_config)
     verify_head(engine, worlds, precision, "target")
-    write_rank_record(spec.run_dir, worlds, spec.model.path, engine.module)
+    write_rank_record(spec.run_dir, worlds, spec.model.path, engine.module, type(optimizer).__name__)
     return engine
 
 

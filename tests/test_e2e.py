@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from poft_ds.data import ChatTokenizer
 from poft_ds.formats import load_rows
-from tests.conftest import base_spec, launch, read_metrics, run_job, write_spec
+from tests.conftest import PARTITIONED, base_spec, launch, read_metrics, run_job, write_spec
 from tests.test_scoring import plain_scores
 
 pytestmark = pytest.mark.distributed
@@ -41,7 +41,8 @@ def dumped_scores(run_dir: Path) -> list[dict]:
 
 
 def test_poft_job_trains_checkpoints_exports_and_sends_exact_scores(assets: Path, tmp_path: Path) -> None:
-    spec = base_spec(assets, tmp_path / "run", logging={"dump_scores": True})
+    # The shipped DeepSpeed configs (ds_configs/zero3.json, zero3_inference.json), as the quickstart runs.
+    spec = base_spec(assets, tmp_path / "run", logging={"dump_scores": True}, deepspeed={})
     run_dir = run_job(spec, tmp_path)
 
     metrics = read_metrics(run_dir)
@@ -185,8 +186,12 @@ def test_held_out_rows_are_evaluated_and_never_trained_on(assets: Path, tmp_path
         topology={"procs_per_node": 3},
         logging={"eval_every_steps": 3, "dump_scores": True},
         checkpoint={"every_steps": 100, "save_final_model": True},
+        # The shipped offload config: parameters and optimizer state on the CPU, DeepSpeed's CPU Adam.
+        deepspeed={"train_config": "zero3_offload.json", "reference_config": PARTITIONED["reference_config"]},
     )
     run_dir = run_job(spec, tmp_path)
+    record = json.loads((run_dir / "ranks" / "rank0.json").read_text())
+    assert record["role"] == "trainer" and record["optimizer"] == "DeepSpeedCPUAdam"
     metrics = read_metrics(run_dir)
     evals = [m for m in metrics if "eval_cross_entropy" in m]
     assert [m["step"] for m in evals] == [3, 6]

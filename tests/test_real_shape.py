@@ -74,6 +74,16 @@ def unequal_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+# The tiny target's ChatML template, plus the role-alternation check of Mistral-style templates.
+ALTERNATING_CHATML = (
+    "{% set ns = namespace(prev='') %}{% for m in messages %}"
+    "{% if m['role'] == ns.prev %}{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+    "{% set ns.prev = m['role'] %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
 def response_positions(model_dir: Path, data: Path) -> list[int]:
     """Scored positions of each row under a model's tokenizer and template."""
     chat = ChatTokenizer(AutoTokenizer.from_pretrained(model_dir), MAX_LENGTH)
@@ -86,7 +96,7 @@ def plain_step(model_dir: Path, data: Path, loss_of, trust_remote_code: bool = F
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     chat = ChatTokenizer(tok, MAX_LENGTH)
     logp, tokens = [], []
-    for row in load_rows([str(data)]):
+    for row in load_rows([str(data)])[:8]:  # the global batch (a 9th row, if any, is one a template refuses)
         s, _ = chat(row.messages)
         ids, mask = torch.tensor([s.input_ids]), torch.tensor([s.response_mask])
         n = mask[:, 1:].sum()
@@ -218,7 +228,20 @@ def test_a_custom_head_transform_is_detected_and_scored_through_the_full_forward
 def test_sft_step_on_two_trainers_equals_plain_pytorch_with_the_full_forward_fallback(
     assets: Path, scaled_head_model: Path, unequal_data: Path, tmp_path: Path
 ) -> None:
-    """SFT's loss is the token mean over the whole global batch, not a mean of micro-batch means."""
+    """SFT's loss is the token mean over the whole global batch, not a mean of micro-batch means.
+
+    The data has a 9th row that the template refuses (two user turns in a row): it is reported by
+    file:line and the job trains on the others (data.max_bad_fraction allows it).
+    """
+    data = tmp_path / "with_refused_row.jsonl"
+    refused = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "user", "content": "Hi?"},
+            {"role": "assistant", "content": "Hello."},
+        ]
+    }
+    data.write_text(unequal_data.read_text() + json.dumps(refused) + "\n")
     spec = base_spec(
         assets,
         tmp_path / "run",
@@ -227,16 +250,21 @@ def test_sft_step_on_two_trainers_equals_plain_pytorch_with_the_full_forward_fal
             "max_length": MAX_LENGTH,
             "head_chunk_tokens": CHUNK,
             "trust_remote_code": True,
+            "chat_template": ALTERNATING_CHATML,
         },
         aligned_models=[],
         objective={"kind": "sft"},
-        data={"train_files": [str(unequal_data)]},
+        data={"train_files": [str(data)], "max_bad_fraction": 0.2},
         training=dict(STEP),
         topology={"procs_per_node": 2},
     )
     proc_out = tmp_path / "out.txt"
     run_dir = run_job(spec, tmp_path, log=proc_out)
     assert "scores through the full forward" in proc_out.read_text()
+    assert "1 of 9 rows unusable" in proc_out.read_text()
+    report = json.loads((run_dir / "data_report" / "trainer.json").read_text())
+    assert report["unusable_here"] == {"chat template refused the row: Conversation roles must alternate": 1}
+    assert report["examples"]["chat template refused the row: Conversation roles must alternate"] == [f"{data}:9"]
     assert_partitioned(run_dir, "trainer", 2)
 
     def sft(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
