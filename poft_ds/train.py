@@ -22,7 +22,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import deepspeed
 import torch
@@ -120,7 +120,11 @@ def receive_reference_scores(
 
 
 class StepStats:
-    """Sums over one optimizer step's micro-batches, reduced over trainer ranks before logging."""
+    """Sums over one optimizer step's micro-batches, kept on the device and reduced over trainer
+    ranks once per step (no host synchronisation per micro-batch).
+
+    Besides the named fields it holds the K aligned models' score sums.
+    """
 
     FIELDS = (
         "loss",
@@ -137,20 +141,26 @@ class StepStats:
         "skipped_micro_batches",
     )
 
-    def __init__(self, n_models: int) -> None:
-        self.v = torch.zeros(len(self.FIELDS) + n_models, dtype=torch.float64)
+    def __init__(self, n_models: int, device: torch.device) -> None:
+        self.n_models = n_models
+        self.v = torch.zeros(len(self.FIELDS) + n_models, dtype=torch.float64, device=device)
 
-    def add(self, **values: float) -> None:
+    def add(self, **values: float | torch.Tensor) -> None:
         for k, x in values.items():
-            self.v[self.FIELDS.index(k)] += float(x)
+            self.v[self.FIELDS.index(k)] += x
 
     def add_model_scores(self, per_model: torch.Tensor) -> None:
-        self.v[len(self.FIELDS) :] += per_model.sum(dim=0).double()
+        self.v[len(self.FIELDS) : len(self.FIELDS) + self.n_models] += per_model.sum(dim=0).double()
 
-    def reduced(self, device: torch.device) -> dict[str, float]:
-        v = self.v.to(device)
-        dist.all_reduce(v)
-        return dict(zip(self.FIELDS, v[: len(self.FIELDS)].tolist())) | {"per_model": v[len(self.FIELDS) :].tolist()}
+    def reduced(self) -> dict[str, Any]:
+        """The sums over every trainer rank (collective; the step's one host synchronisation)."""
+        dist.all_reduce(self.v)
+        v = self.v.tolist()
+        n = len(self.FIELDS)
+        return dict(zip(self.FIELDS, v[:n])) | {
+            "per_model": v[n : n + self.n_models],
+            "nonfinite": v[n + self.n_models :],
+        }
 
 
 def train(
@@ -236,14 +246,15 @@ def _train_steps(
         rows = schedule.global_batch_at(step)
         positions = list(schedule.trainer_positions(rank))
         step_tokens = sum(response_tokens[i] for i in rows)  # SFT's denominator: the whole global batch
-        stats = StepStats(len(names))
+        stats = StepStats(len(names), worlds.device)
         if poft:
             ref, counts = receive_reference_scores(spec, worlds, data, step, first_step=step == start)
             stats.add(ref_forward_passes=counts[0], ref_new_scores=counts[1])
         waited = time.perf_counter() - t_start
         for m in range(schedule.grad_accum):
             idx = [rows[p] for p in positions[m * mb : (m + 1) * mb]]
-            batch = collate([data.samples[i] for i in idx], pad).to(worlds.device)
+            cpu_batch = collate([data.samples[i] for i in idx], pad)
+            batch = cpu_batch.to(worlds.device)
             logp_sum, n_tokens = engine(batch.input_ids, batch.attention_mask, batch.response_mask)
             s_target = logp_sum / n_tokens
             if poft:
@@ -264,9 +275,10 @@ def _train_steps(
                 continue
             engine.backward(loss * share)
             engine.step()
+            # Sums stay on the device: no host synchronisation until the step's one all-reduce.
             if poft:
                 stats.add(weight=weight.sum(), s_ref=s_ref.sum())
-                stats.add_model_scores(ref_m)
+                stats.add_model_scores(ref_m.to(stats.v.device))
             stats.add(
                 loss=loss.detach(),
                 micro_batches=1,
@@ -274,7 +286,7 @@ def _train_steps(
                 s_target=s_target.detach().sum(),
                 logp=logp_sum.detach().sum(),
                 tokens=n_tokens.sum(),
-                real_tokens=batch.real_tokens,
+                real_tokens=cpu_batch.real_tokens,
             )
             if dump is not None:
                 for j, i in enumerate(idx):
@@ -282,7 +294,7 @@ def _train_steps(
                     if poft:
                         rec["scores"] = dict(zip(names, ref_m[j].tolist()))
                     dump.write(json.dumps(rec) + "\n")
-        s = stats.reduced(worlds.device)
+        s = stats.reduced()
         grad_norm = float(engine.get_global_grad_norm() or 0.0)
         if not math.isfinite(grad_norm):
             raise FloatingPointError(
@@ -366,16 +378,22 @@ def evaluate(engine: deepspeed.DeepSpeedEngine, data: PreparedData, worlds: Worl
 
 
 def _nonfinite_anywhere(loss: torch.Tensor, step: int, micro: int, worlds: Worlds, policy: str) -> bool:
-    """Whether any trainer's loss is non-finite (collective); under policy `stop`, raise instead."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0], device=worlds.device)
+    """Whether any trainer's loss is non-finite (collective); under policy `stop`, raise instead.
+
+    This is the one host synchronisation per micro-batch left in the loop: choosing which graph
+    to run backward through must happen before the backward pass (masking a non-finite loss on
+    the device still sends 0 x inf = nan through its graph).
+    """
+    bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
     dist.all_reduce(bad)
-    if bad.item() and policy == "stop":
+    n = int(bad.item())
+    if n and policy == "stop":
         raise FloatingPointError(
-            f"step {step + 1}, micro-batch {micro}: non-finite loss on {int(bad.item())} trainer rank(s); "
+            f"step {step + 1}, micro-batch {micro}: non-finite loss on {n} trainer rank(s); "
             "stopped before the update (weights and checkpoints are untouched; training.on_nonfinite: skip "
             "skips such micro-batches instead)"
         )
-    return bool(bad.item())
+    return bool(n)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -152,7 +152,8 @@ def test_killed_reference_rank_stops_every_process_with_a_message(assets: Path, 
 
 
 def nonfinite_job(assets: Path, tmp_path: Path, **training) -> dict:
-    """A 2-trainer job on precomputed scores whose loss is always infinite: -log sigmoid(-inf)."""
+    """A 2-trainer job on precomputed scores whose loss is always infinite: with beta = 1e300 the
+    float32 margin beta * (s_target - s_ref) overflows to -inf, and -log sigmoid(-inf) = inf."""
     rows = [json.loads(x) for x in (assets / "data" / "train.jsonl").read_text().splitlines()]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r | {"s": -1.0}) for r in rows))
     spec = base_spec(
@@ -160,7 +161,7 @@ def nonfinite_job(assets: Path, tmp_path: Path, **training) -> dict:
         tmp_path / "run",
         aligned_models=[],
         data={"train_files": [str(tmp_path / "d.jsonl")], "reference_score_column": "s"},
-        objective={"kind": "poft", "gamma": float("-inf")},
+        objective={"kind": "poft", "beta": 1e300},
         topology={"procs_per_node": 2},
     )
     spec["training"].update(training)
