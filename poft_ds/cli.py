@@ -22,11 +22,10 @@ from poft_ds.spec import JobSpec, SpecError, load_spec, scoring_spec
 
 
 def _load_checked(path: str) -> JobSpec:
-    """Load a spec and prove every model's chat template can be masked."""
+    """Load a spec and prove every model's chat template can be masked, all in one report."""
     from poft_ds.inspect import check_templates
 
-    spec = load_spec(path)
-    check_templates(spec)
+    spec = load_spec(path, check_templates=check_templates)
     for i, m in enumerate(spec.aligned_models if spec.objective.kind == "poft" else []):
         if m.max_length < spec.model.max_length:
             print(
@@ -79,6 +78,9 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
         for outcome, n in m["outcomes"].items():
             examples = ", ".join(m["examples"].get(outcome, [])[:3])
             print(f"  {outcome:<40} {n:>8}" + (f"   e.g. {examples}" if examples else ""))
+        cut = m["truncated_responses"]
+        if cut["samples"]:
+            print(f"  truncated by max_length: {cut['samples']} usable samples lost {cut['tokens']} response tokens")
         if m["tokens"]:
             print("  tokens: " + ", ".join(f"{k} {v:.0f}" for k, v in m["tokens"].items()))
             print("  first sample, trained tokens in [[ ]]:\n    " + m["masked_sample"].replace("\n", "\n    "))

@@ -13,6 +13,11 @@ reasoning and adds an empty one to the last turns) are masked by their `{% gener
 when they have some, else by finding each message's content in order in the full rendering. A
 row whose content the template rewrites, or that the template refuses (`raise_exception`), is
 unusable with that reason; it never stops the job.
+
+Data text never becomes a control token: the template's own text keeps its special tokens, but
+special-token text inside a message's content (an answer quoting `<|im_end|>`) is tokenized as
+plain text (`split_special_tokens=True`), so data cannot forge turn boundaries. Rows without such
+text tokenize exactly as a single call over the rendering would.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class TokenizedSample:
 
     input_ids: list[int]
     response_mask: list[bool]
+    # Response tokens cut off by max_length (the sample is still usable, but trains on less).
+    lost_response_tokens: int = 0
 
 
 @dataclass
@@ -62,7 +69,7 @@ GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 # Reasons a template gives for refusing a row, e.g. Mistral's alternating roles, Gemma-2's system turn.
 REFUSED = "chat template refused the row: "
 # Part of the tokenization cache key: a change to how masks are drawn must not reuse old masks.
-MASK_RULES = 2
+MASK_RULES = 3
 
 
 class RowError(Exception):
@@ -121,6 +128,10 @@ class ChatTokenizer:
         with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
         self.prepend_bos = bos is not None and with_special[:1] == [bos]
         self.control_ids = set(tokenizer.added_tokens_decoder)
+        # Special-token strings that data text must not turn into control tokens.
+        self.control_texts = sorted(
+            {t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content}, key=len
+        )[::-1]
 
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         return self.tok.apply_chat_template(
@@ -224,14 +235,13 @@ class ChatTokenizer:
         """
         try:
             text, spans = self.assistant_char_spans(messages)
+            ids, offsets = self._encode(text, self._forged_spans(messages, text))
         except RowError as e:
             return None, str(e)
         except TemplateSyntaxError:
             raise
         except TemplateError as e:
             return None, REFUSED + str(e)
-        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
         if self.prepend_bos and not text.startswith(self.tok.bos_token or "\0"):
             ids, offsets = [self.tok.bos_token_id] + ids, [(0, 0)] + offsets
         # A token is trained when it overlaps a span; a control token only when it starts in one,
@@ -240,6 +250,7 @@ class ChatTokenizer:
             b < e_tok and any(s < e_tok and b < e and (b >= s or i not in self.control_ids) for s, e in spans)
             for i, (b, e_tok) in zip(ids, offsets)
         ]
+        trained = sum(mask)
         if len(ids) > self.max_length:
             if self.truncation == "drop":
                 return None, "too long"
@@ -248,7 +259,61 @@ class ChatTokenizer:
         # The first token has no left context, so it cannot be scored.
         if not any(mask[1:]):
             return None, "no response token within max_length"
-        return TokenizedSample(ids, mask), None
+        return TokenizedSample(ids, mask, trained - sum(mask)), None
+
+    def _forged_spans(self, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
+        """Character spans of `text` where a message's content spells a special token.
+
+        Each content is located by rendering the conversation with that content replaced by a
+        placeholder: the template text before it is the same, so the placeholder's position is
+        where the content starts (a template's own tokens are never mistaken for data).
+
+        Raises:
+            RowError: when such content cannot be located (the template moves or rewrites it).
+        """
+        spans = []
+        for i, m in enumerate(messages):
+            if not any(c in m["content"] for c in self.control_texts):
+                continue
+            marker = "\x00poft-content\x00"
+            probe = [dict(x, content=marker) if j == i else x for j, x in enumerate(messages)]
+            at = self._render(probe, generation_prompt=False).find(marker)
+            content = next(
+                (
+                    c
+                    for c in (m["content"], m["content"].lstrip(), m["content"].strip())
+                    if at >= 0 and text.startswith(c, at)
+                ),
+                None,
+            )
+            if content is None:
+                raise RowError(f"turn {i + 1}: special-token text in content the template moves")
+            spans += [
+                (at + hit.start(), at + hit.end())
+                for hit in re.finditer("|".join(re.escape(c) for c in self.control_texts), content)
+            ]
+        return sorted(spans)
+
+    def _encode(self, text: str, forged: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and character offsets of `text`, the `forged` spans tokenized as plain text.
+
+        A special token is always a token boundary, so cutting the text at the forged spans leaves
+        every other token as one call over the whole text would make it.
+        """
+        ids, offsets, cuts = [], [], [0]
+        for s, e in forged:
+            cuts += [s, e]
+        cuts.append(len(text))
+        for k in range(len(cuts) - 1):
+            a, b = cuts[k], cuts[k + 1]
+            if a == b:
+                continue
+            enc = self.tok(
+                text[a:b], add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=k % 2 == 1
+            )
+            ids += enc["input_ids"]
+            offsets += [(s + a, e + a) for s, e in enc["offset_mapping"]]
+        return ids, offsets
 
 
 def tokenize_rows(
@@ -294,9 +359,13 @@ def _read_cache(path: Path) -> list[tuple[TokenizedSample | None, str | None]] |
         table = pq.read_table(path).to_pydict()
     except (OSError, pa.ArrowException):
         return None
+    if "lost_response_tokens" not in table:
+        return None
     return [
-        (TokenizedSample(ids, mask) if ids is not None else None, reason)
-        for ids, mask, reason in zip(table["input_ids"], table["response_mask"], table["reason"])
+        (TokenizedSample(ids, mask, lost) if ids is not None else None, reason)
+        for ids, mask, lost, reason in zip(
+            table["input_ids"], table["response_mask"], table["lost_response_tokens"], table["reason"]
+        )
     ]
 
 
@@ -305,6 +374,7 @@ def _write_cache(path: Path, results: list[tuple[TokenizedSample | None, str | N
         {
             "input_ids": [s.input_ids if s else None for s, _ in results],
             "response_mask": [s.response_mask if s else None for s, _ in results],
+            "lost_response_tokens": [s.lost_response_tokens if s else None for s, _ in results],
             "reason": [reason for _, reason in results],
         }
     )

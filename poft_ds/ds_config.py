@@ -39,6 +39,8 @@ def _set(cfg: dict[str, Any], dotted: str, value: Any, source: str, spec_field: 
     node = cfg
     for p in parents:
         node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"{source}: '{p}' must be a JSON object (it holds '{leaf}'), got {node!r}")
     current = node.get(leaf, "auto")
     if current != "auto" and current != value:
         raise SpecError(
@@ -50,9 +52,53 @@ def _set(cfg: dict[str, Any], dotted: str, value: Any, source: str, spec_field: 
 
 def _read(path: str) -> dict[str, Any]:
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SpecError(f"{path}: cannot read DeepSpeed config: {e}") from e
+        cfg = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: cannot read DeepSpeed config: {e}") from None
+    if not isinstance(cfg, dict):
+        raise SpecError(f"{path}: a DeepSpeed config is a JSON object, got a JSON {type(cfg).__name__}")
+    return cfg
+
+
+def _zero3(cfg: dict[str, Any], src: str) -> dict[str, Any]:
+    """The config's `zero_optimization` section, which must ask for stage 3."""
+    zero = cfg.get("zero_optimization", {})
+    stage = zero.get("stage") if isinstance(zero, dict) else None
+    if stage != 3:
+        raise SpecError(
+            f"{src}: zero_optimization.stage must be 3 (poft-ds shards the models with ZeRO-3), got {stage}"
+        )
+    return zero
+
+
+# What DeepSpeed can step with the optimizer state offloaded: its CPU Adam (in AdamW mode here).
+_OFFLOADABLE = ("adam", "adamw")
+
+
+def _check_optimizer(cfg: dict[str, Any], zero: dict[str, Any], src: str) -> None:
+    """poft-ds builds the optimizer from training.* itself; the config may only offload it."""
+    offload = zero.get("offload_optimizer") or {}
+    if not isinstance(offload, dict):
+        raise SpecError(f"{src}: zero_optimization.offload_optimizer must be a JSON object, got {offload!r}")
+    device = offload.get("device", "none")
+    if device not in ("none", "cpu", "nvme"):
+        raise SpecError(f"{src}: zero_optimization.offload_optimizer.device must be none, cpu or nvme, got {device!r}")
+    if device == "nvme" and not offload.get("nvme_path"):
+        raise SpecError(f"{src}: zero_optimization.offload_optimizer.device 'nvme' needs an nvme_path")
+    if "optimizer" in cfg:
+        kind = cfg["optimizer"].get("type") if isinstance(cfg["optimizer"], dict) else cfg["optimizer"]
+        if device != "none" and str(kind).lower() not in _OFFLOADABLE:
+            raise SpecError(
+                f"{src}: optimizer {kind!r} cannot run with offload_optimizer (device {device!r}): DeepSpeed "
+                "steps offloaded optimizer state with its CPU Adam only; remove the optimizer section"
+            )
+        # DeepSpeed ignores it when given an optimizer, as poft-ds always does: never silently.
+        raise SpecError(
+            f"{src}: the optimizer section ({kind!r}) would be ignored: poft-ds builds AdamW from "
+            "training.learning_rate, adam_betas, adam_eps and weight_decay; remove it"
+        )
 
 
 def trainer_config(spec: JobSpec, precision: str) -> dict[str, Any]:
@@ -65,11 +111,7 @@ def trainer_config(spec: JobSpec, precision: str) -> dict[str, Any]:
     _set(cfg, "gradient_accumulation_steps", spec.grad_accum_steps, src, "training.gradient_accumulation_steps")
     _set(cfg, "gradient_clipping", t.max_grad_norm, src, "training.max_grad_norm")
     _set(cfg, "bf16.enabled", precision == "bf16", src, "training.precision")
-    stage = cfg.get("zero_optimization", {}).get("stage")
-    if stage != 3:
-        raise SpecError(
-            f"{src}: zero_optimization.stage must be 3 (poft-ds shards the target with ZeRO-3), got {stage}"
-        )
+    _check_optimizer(cfg, _zero3(cfg, src), src)
     return cfg
 
 
@@ -78,4 +120,5 @@ def reference_config(spec: JobSpec, precision: str) -> dict[str, Any]:
     src = spec.deepspeed.reference_config
     cfg = _read(src)
     _set(cfg, "bf16.enabled", precision == "bf16", src, "training.precision")
+    _zero3(cfg, src)
     return cfg

@@ -1,6 +1,6 @@
 """Reading training rows from files in the formats users have, as chat `messages`.
 
-Formats (`data.train_files[].format`, or `auto` to detect from the first row):
+Formats (`data.train_files[].format`, or `auto` to detect each row's own format):
 
   * `messages`: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`
     (OpenAI / UltraChat-200k style);
@@ -10,8 +10,10 @@ Formats (`data.train_files[].format`, or `auto` to detect from the first row):
 
 `columns` renames a format's fields (e.g. `{messages: chat}` reads the `chat` column). Files are
 JSONL, JSON (a list of rows), parquet or arrow. A row that cannot be used keeps its place with the
-reason (malformed JSON, undecodable bytes, missing roles, empty response, duplicate id...), so
-nothing is dropped silently and every problem names its file and line.
+reason (malformed JSON, undecodable bytes, which turn has which bad field, empty response,
+duplicate id...), so nothing is dropped silently and every problem names its file and line.
+Reasons are short categories (they are counted), never the row's own text. A UTF-8 byte-order
+mark is accepted; OpenAI content-part lists are read when every part is text.
 """
 
 from __future__ import annotations
@@ -84,14 +86,17 @@ def _read_records(path: Path) -> list[tuple[int, Any, str | None]]:
         return [(i + 1, rec, None) for i, rec in enumerate(ds)]
     if path.suffix == ".json":
         try:
-            records = json.loads(path.read_bytes().decode("utf-8"))
+            records = json.loads(path.read_bytes().decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DataError(f"{path}: not valid UTF-8 JSON: {e}") from e
+        except RecursionError as e:
+            raise DataError(f"{path}: JSON nested too deeply to read") from e
         if not isinstance(records, list):
             raise DataError(f"{path}: a .json data file holds a list of rows, got {type(records).__name__}")
         return [(i + 1, rec, None) for i, rec in enumerate(records)]
     out = []
-    for i, raw in enumerate(path.read_bytes().splitlines(), start=1):
+    # Editors on Windows start UTF-8 files with a byte-order mark; it is not part of row 1.
+    for i, raw in enumerate(path.read_bytes().removeprefix(b"\xef\xbb\xbf").splitlines(), start=1):
         if not raw.strip():
             continue
         try:
@@ -100,22 +105,88 @@ def _read_records(path: Path) -> list[tuple[int, Any, str | None]]:
             out.append((i, None, "undecodable (not UTF-8)"))
         except json.JSONDecodeError as e:
             out.append((i, None, f"malformed JSON ({e.msg})"))
+        except RecursionError:
+            out.append((i, None, "nested too deeply"))
     return out
 
 
-def detect_format(rec: Any) -> str | None:
-    """The format a record looks like, or None."""
+DETECT_BY = (
+    ("messages", "messages"),
+    ("sharegpt", "conversations"),
+    ("alpaca", "instruction"),
+    ("prompt_completion", "prompt"),
+)
+UNDETECTED = "unknown format: no 'messages', 'conversations', 'instruction' or 'prompt' field"
+
+
+def detect_format(rec: Any, columns: dict[str, str] | None = None) -> str | None:
+    """The format a record looks like (its fields renamed by `columns`), or None."""
     if not isinstance(rec, dict):
         return None
-    for fmt, key in (
-        ("messages", "messages"),
-        ("sharegpt", "conversations"),
-        ("alpaca", "instruction"),
-        ("prompt_completion", "prompt"),
-    ):
-        if key in rec:
-            return fmt
-    return None
+    columns = columns or {}
+    return next((fmt for fmt, key in DETECT_BY if columns.get(key, key) in rec), None)
+
+
+def _kind(value: Any) -> str:
+    """A value's JSON type name, for reasons that say what a field holds instead of text."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {dict: "an object", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def _short(value: str) -> str:
+    """A role name for a reason: quoted, cut short so a huge field does not become a category."""
+    return repr(value if len(value) <= 20 else value[:20] + "...")
+
+
+def _content(value: Any, field: str) -> tuple[str | None, str | None]:
+    """A turn's text: a string, or an OpenAI content-part list whose parts are all text (joined).
+
+    Returns:
+        (text, None), or (None, what is wrong with the field).
+    """
+    if isinstance(value, list) and field == "content":
+        texts = []
+        for part in value:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                return None, (
+                    f"content part of type {_short(kind)}" if isinstance(kind, str) else "content part is not text"
+                )
+            if not isinstance(part.get("text"), str):
+                return None, "content part has no text"
+            texts.append(part["text"])
+        value = "".join(texts)
+    if not isinstance(value, str):
+        return None, f"{field} is {_kind(value)}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape ("\ud800") would fail in the tokenizer
+        return None, f"{field} is not valid Unicode"
+    return value, None
+
+
+def _turn(t: Any, fmt: str) -> tuple[dict[str, str] | None, str | None]:
+    """One turn of a `messages` or `sharegpt` row, or (None, what is wrong with it)."""
+    role_key, text_key, tag = ("from", "value", " (sharegpt)") if fmt == "sharegpt" else ("role", "content", "")
+    if not isinstance(t, dict):
+        return None, f"not an object{tag}"
+    if role_key not in t:
+        return None, f"'{role_key}' missing{tag}"
+    raw = t[role_key]
+    role = SHAREGPT_ROLES.get(raw) if fmt == "sharegpt" and isinstance(raw, str) else raw
+    if not isinstance(raw, str):
+        return None, f"{role_key} is {_kind(raw)}{tag}"
+    if role not in ROLES:
+        return None, f"unknown role {_short(raw)}{tag}"
+    if text_key not in t:
+        return None, f"'{text_key}' missing{tag}"
+    text, problem = _content(t[text_key], text_key)
+    return ({"role": role, "content": text}, None) if problem is None else (None, problem + tag)
 
 
 def to_messages(rec: Any, fmt: str, columns: dict[str, str]) -> tuple[list[dict[str, str]] | None, str | None]:
@@ -130,24 +201,29 @@ def to_messages(rec: Any, fmt: str, columns: dict[str, str]) -> tuple[list[dict[
     if fmt in ("messages", "sharegpt"):
         key = col["messages" if fmt == "messages" else "conversations"]
         turns = rec.get(key)
-        if not isinstance(turns, list) or not turns:
-            return None, f"no '{key}' list"
+        if not isinstance(turns, list):
+            return None, f"no '{key}' list" if turns is None else f"'{key}' is {_kind(turns)}, not a list"
+        if not turns:
+            return None, f"'{key}' is empty"
         msgs = []
-        for t in turns:
-            if fmt == "sharegpt":
-                role = SHAREGPT_ROLES.get(t.get("from")) if isinstance(t, dict) else None
-                content = t.get("value") if isinstance(t, dict) else None
-            else:
-                role = t.get("role") if isinstance(t, dict) else None
-                content = t.get("content") if isinstance(t, dict) else None
-            if role not in ROLES or not isinstance(content, str):
-                return None, "malformed roles"
-            msgs.append({"role": role, "content": content})
+        for n, t in enumerate(turns, start=1):
+            msg, problem = _turn(t, fmt)
+            if problem:
+                return None, f"turn {n}: {problem}"
+            if msg["role"] == "assistant" and not msg["content"].strip():
+                return None, f"turn {n}: empty response"
+            msgs.append(msg)
     else:
         user_key, out_key = ("instruction", "output") if fmt == "alpaca" else ("prompt", "completion")
-        prompt, response = rec.get(col[user_key]), rec.get(col[out_key])
-        if not isinstance(prompt, str) or not isinstance(response, str):
-            return None, f"'{col[user_key]}' and '{col[out_key]}' must be strings"
+        for k in (col[user_key], col[out_key]):
+            if k not in rec:
+                return None, f"'{k}' missing"
+        prompt, problem = _content(rec[col[user_key]], f"'{col[user_key]}'")
+        response, problem = (None, problem) if problem else _content(rec[col[out_key]], f"'{col[out_key]}'")
+        if problem:
+            return None, problem
+        if not response.strip():
+            return None, f"'{col[out_key]}' is empty"
         extra = rec.get(col["input"]) if fmt == "alpaca" else None
         if isinstance(extra, str) and extra.strip():
             prompt = f"{prompt}\n\n{extra}"
@@ -158,8 +234,6 @@ def to_messages(rec: Any, fmt: str, columns: dict[str, str]) -> tuple[list[dict[
         msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     if not any(m["role"] == "assistant" for m in msgs):
         return None, "no assistant turn"
-    if any(m["role"] == "assistant" and not m["content"].strip() for m in msgs):
-        return None, "empty response"
     return msgs, None
 
 
@@ -168,8 +242,11 @@ def read_source(
 ) -> list[Row]:
     """Every row of one file, usable or not, in file order.
 
+    Under `auto`, each row is read in the format it looks like, so a file mixing formats keeps
+    every row; a row that looks like none is unusable with that reason.
+
     Raises:
-        DataError: when the file cannot be read at all or its format cannot be detected.
+        DataError: when the file cannot be read at all, holds no rows, or no row has a known format.
     """
     columns = columns or {}
     p = Path(path)
@@ -177,16 +254,20 @@ def read_source(
         records = _read_records(p)
     except OSError as e:
         raise DataError(f"{p}: cannot read: {e}") from e
-    if fmt == "auto":
-        detected = next((detect_format(r) for _, r, problem in records if problem is None and detect_format(r)), None)
-        if detected is None:
-            raise DataError(f"{p}: cannot detect the data format; set format in data.train_files")
-        fmt = detected
+    if not records:
+        raise DataError(f"{p}: no rows (the file is empty)")
+    parsed = [r for _, r, problem in records if problem is None]
+    if fmt == "auto" and parsed and not any(detect_format(r, columns) for r in parsed):
+        raise DataError(f"{p}: cannot detect the data format; set format in data.train_files")
     rows = []
     for line, rec, problem in records:
         msgs = None
         if problem is None:
-            msgs, problem = to_messages(rec, fmt, columns)
+            row_fmt = detect_format(rec, columns) if fmt == "auto" else fmt
+            if row_fmt is None:
+                problem = "row is not a JSON object" if not isinstance(rec, dict) else UNDETECTED
+            else:
+                msgs, problem = to_messages(rec, row_fmt, columns)
         rid = rec.get(columns.get("id", "id")) if isinstance(rec, dict) else None
         score = None
         if score_column and problem is None:

@@ -90,8 +90,9 @@ def inspect_data(spec: JobSpec) -> dict[str, Any]:
     """Tokenize the data under every model and report outcomes, lengths and one masked sample.
 
     Returns:
-        A JSON-ready report: rows, per-model outcome counts with example rows and length
-        statistics, rows usable by every model, and whether the job would start.
+        A JSON-ready report: rows, per-model outcome counts with example rows, length
+        statistics and response tokens lost to truncation, rows usable by every model, and
+        whether the job would start.
     """
     rows = load_rows(spec.data.sources, spec.seed)
     usable = [True] * len(rows)
@@ -118,6 +119,11 @@ def inspect_data(spec: JobSpec) -> dict[str, Any]:
             }
             if lengths
             else None,
+            # Usable samples that lost response tokens to max_length, and how many in all.
+            "truncated_responses": {
+                "samples": sum(1 for s in samples if s and s.lost_response_tokens),
+                "tokens": sum(s.lost_response_tokens for s in samples if s),
+            },
             "masked_sample": render_mask(tok, first.input_ids, first.response_mask) if first else None,
         }
     bad = len(rows) - sum(usable)

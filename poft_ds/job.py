@@ -117,6 +117,11 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
                     "unusable_here": dict(report.counts),
                     "examples": report.examples,
                     "usable_by_all_models": len(usable),
+                    # Usable samples that lost response tokens to max_length, and how many in all.
+                    "truncated_responses": {
+                        "samples": sum(1 for s in samples if s and s.lost_response_tokens),
+                        "tokens": sum(s.lost_response_tokens for s in samples if s),
+                    },
                 },
                 indent=2,
             )

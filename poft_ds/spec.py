@@ -8,13 +8,15 @@ fails before any rank starts.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
 
 from poft_ds import REPO_ROOT
 
@@ -26,14 +28,19 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    # Unknown keys are mistakes (typos, options from another trainer), never silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    # Unknown keys are mistakes (typos, options from another trainer), never silently ignored; an
+    # infinite or NaN number (`.inf`, `.nan` in YAML) is never a meaningful setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
+
+
+# An Adam beta: 1 would make the moment estimates never forget (and the bias correction divide by 0).
+_Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class ModelSpec(_Strict):
     """A causal language model: where it lives and how a conversation becomes tokens."""
 
-    path: str = Field(description="Local model directory (config, weights, tokenizer).")
+    path: str = Field(min_length=1, description="Local model directory (config, weights, tokenizer).")
     chat_template: str | None = Field(
         None,
         description="Jinja chat template overriding the tokenizer's own (a string or a .jinja file).",
@@ -67,7 +74,7 @@ class AlignedModelSpec(ModelSpec):
 class SourceSpec(_Strict):
     """One data file and how to read it."""
 
-    path: str = Field(description="JSONL, JSON, parquet or arrow file.")
+    path: str = Field(min_length=1, description="JSONL, JSON, parquet or arrow file.")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = Field(
         "auto", description="Row format; `auto` detects it from the first row."
     )
@@ -134,7 +141,7 @@ class TrainingSpec(_Strict):
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0.0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[_Beta, _Beta] = Field((0.9, 0.999), description="Adam's (beta1, beta2), each in [0, 1).")
     adam_eps: float = Field(1e-8, gt=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
     micro_batch_size: int = Field(1, ge=1, description="Samples per forward pass on one trainer rank.")
@@ -154,8 +161,12 @@ class TrainingSpec(_Strict):
 class TopologySpec(_Strict):
     """How many processes the job has; roles are derived from it, never set per process."""
 
-    nodes: int = Field(1, ge=1)
-    procs_per_node: int = Field(ge=1, description="Processes on each node (trainer and reference ranks together).")
+    # Bounds far above any real machine, so that a typo (100000) is named as such and not as a
+    # batch-divisibility problem.
+    nodes: int = Field(1, ge=1, le=4096)
+    procs_per_node: int = Field(
+        ge=1, le=1024, description="Processes on each node (trainer and reference ranks together)."
+    )
 
 
 class DeepSpeedSpec(_Strict):
@@ -281,8 +292,8 @@ class LauncherSpec(_Strict):
 class JobSpec(_Strict):
     """A whole poft-ds job."""
 
-    run_dir: str = Field(description="Where metrics, checkpoints and the final model go.")
-    seed: int = 1234
+    run_dir: str = Field(min_length=1, description="Where metrics, checkpoints and the final model go.")
+    seed: int = Field(1234, ge=0, lt=2**64, description="Seeds every RNG (torch accepts 0 <= seed < 2**64).")
     model: ModelSpec
     aligned_models: list[AlignedModelSpec] = Field(default_factory=list)
     data: DataSpec
@@ -334,45 +345,79 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> JobSpec:
-        # Aligned models score the same samples as the target: by default over the same length.
-        if self.model.max_length is None:
-            self.model.max_length = DEFAULT_MAX_LENGTH
-        for m in self.aligned_models:
-            if m.max_length is None:
-                m.max_length = self.model.max_length
-        problems: list[str] = []
-        names = [m.name for m in self.aligned_models]
+        _fill_max_lengths(self)
+        problems = _cross_field_problems(self, bad=set())
+        if problems:
+            raise ValueError("; ".join(p.strip() for p in problems))
+        return self
+
+
+def _fill_max_lengths(spec: JobSpec) -> None:
+    # Aligned models score the same samples as the target: by default over the same length.
+    if spec.model.max_length is None:
+        spec.model.max_length = DEFAULT_MAX_LENGTH
+    for m in spec.aligned_models:
+        if m.max_length is None:
+            m.max_length = spec.model.max_length
+
+
+def _batch_arithmetic_ok(spec: JobSpec) -> bool:
+    t = spec.training
+    return spec.trainer_ranks >= 1 and t.global_batch_size % (t.micro_batch_size * spec.trainer_ranks) == 0
+
+
+def _cross_field_problems(spec: JobSpec, bad: set[str]) -> list[str]:
+    """Every rule spanning several fields, as `  field: message` lines.
+
+    Args:
+        spec: The spec; sections named in `bad` failed validation and may be absent.
+        bad: Top-level fields that failed validation: a rule reading one of them is skipped, so
+            that one mistake is not reported again as the consequences it has elsewhere.
+    """
+
+    def have(*sections: str) -> bool:
+        return not bad.intersection(sections)
+
+    problems: list[str] = []
+    if have("aligned_models"):
+        names = [m.name for m in spec.aligned_models]
         if len(set(names)) != len(names):
             problems.append(f"aligned_models: names must be unique, got {names}")
-        if self.objective.kind == "poft" and not self.aligned_models and not self.data.reference_score_column:
+    if have("objective", "aligned_models", "data"):
+        if spec.objective.kind == "poft" and not spec.aligned_models and not spec.data.reference_score_column:
             problems.append(
                 "aligned_models: objective.kind 'poft' needs at least one aligned model "
                 "(or data.reference_score_column with precomputed scores)"
             )
-        if self.aligned_models and self.data.reference_score_column:
+        if spec.aligned_models and spec.data.reference_score_column:
             problems.append("data.reference_score_column: precomputed scores replace aligned_models; set only one")
-        if self.trainer_ranks < 1:
+    if have("objective", "aligned_models") and spec.objective.kind == "sft" and spec.aligned_models:
+        problems.append(
+            "aligned_models: objective.kind 'sft' uses no aligned models; remove them or use objective.kind 'poft'"
+        )
+    if have("topology", "aligned_models", "objective"):
+        if spec.trainer_ranks < 1:
             problems.append(
-                f"topology.procs_per_node: {self.world_size} processes leave no trainer rank after "
-                f"{self.reference_ranks} reference ranks (aligned_models[*].ranks)"
+                f"topology.procs_per_node: {spec.world_size} processes leave no trainer rank after "
+                f"{spec.reference_ranks} reference ranks (aligned_models[*].ranks)"
             )
-        else:
-            t = self.training
-            per_pass = t.micro_batch_size * self.trainer_ranks
+        elif have("training"):
+            t = spec.training
+            per_pass = t.micro_batch_size * spec.trainer_ranks
             if t.global_batch_size % per_pass:
                 problems.append(
                     f"training.global_batch_size: {t.global_batch_size} is not divisible by "
-                    f"micro_batch_size x trainer ranks = {t.micro_batch_size} x {self.trainer_ranks}"
+                    f"micro_batch_size x trainer ranks = {t.micro_batch_size} x {spec.trainer_ranks}"
                 )
             elif t.gradient_accumulation_steps not in (None, t.global_batch_size // per_pass):
                 problems.append(
                     f"training.gradient_accumulation_steps: {t.gradient_accumulation_steps} disagrees with "
                     f"global_batch_size / (micro_batch_size x trainer ranks) = {t.global_batch_size // per_pass}"
                 )
-        per_node = self.topology.procs_per_node
-        if self.objective.kind == "poft":
-            first = self.trainer_ranks
-            for i, m in enumerate(self.aligned_models):
+        per_node = spec.topology.procs_per_node
+        if spec.objective.kind == "poft":
+            first = spec.trainer_ranks
+            for i, m in enumerate(spec.aligned_models):
                 last = first + m.ranks - 1
                 if first // per_node != last // per_node and not m.allow_cross_node:
                     problems.append(
@@ -381,20 +426,17 @@ class JobSpec(_Strict):
                         f"reorder models, change ranks, or set allow_cross_node: true"
                     )
                 first = last + 1
-        lau = self.launcher
-        if lau.kind == "deepspeed" and lau.deepspeed.hosts and len(lau.deepspeed.hosts) != self.topology.nodes:
-            problems.append(
-                f"launcher.deepspeed.hosts: {len(lau.deepspeed.hosts)} hosts for topology.nodes={self.topology.nodes}"
-            )
-        if lau.kind == "deepspeed" and self.topology.nodes > 1 and not (lau.deepspeed.hosts or lau.deepspeed.hostfile):
+    if have("launcher", "topology"):
+        lau, nodes = spec.launcher, spec.topology.nodes
+        if lau.kind == "deepspeed" and lau.deepspeed.hosts and len(lau.deepspeed.hosts) != nodes:
+            problems.append(f"launcher.deepspeed.hosts: {len(lau.deepspeed.hosts)} hosts for topology.nodes={nodes}")
+        if lau.kind == "deepspeed" and nodes > 1 and not (lau.deepspeed.hosts or lau.deepspeed.hostfile):
             problems.append("launcher.deepspeed.hosts: a multi-node deepspeed launch needs hosts or a hostfile")
-        if lau.kind == "local" and self.topology.nodes != 1:
+        if lau.kind == "local" and nodes != 1:
             problems.append(
                 "launcher.kind: 'local' runs on one machine; use deepspeed, slurm or mpi for topology.nodes > 1"
             )
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+    return [f"  {p}" for p in problems]
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -442,13 +484,40 @@ def _interpolate(node: Any, where: str, missing: list[str], templated: dict[str,
     return node
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def _format_validation_error(err: ValidationError, prefix: str = "") -> list[str]:
+    """Pydantic's errors as `  field.path: message` lines; `prefix` is the section they came from."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc}: {msg}" if e["loc"] else f"  {msg}")
-    return "\n".join(lines)
+        lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
+    return lines
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping.
+
+    Plain YAML keeps the last one silently, so a second `training:` block would replace the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` keys are overridden by explicit ones by design
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"found duplicate key {key!r} (first given on line {first_line[key] + 1})",
+                        key_node.start_mark,
+                    )
+                first_line[key] = key_node.start_mark.line
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+        return super().construct_mapping(node, deep)
 
 
 def resolve_path(value: str, base: Path) -> str:
@@ -468,11 +537,148 @@ def resolve_ds_config(value: str, base: Path) -> Path:
     raise SpecError(f"deepspeed: config file {value!r} not found next to the spec nor in {shipped.parent}")
 
 
-def load_spec(path: str | os.PathLike[str]) -> JobSpec:
-    """Load, interpolate, validate and path-resolve a job spec.
+def _validate_sections(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Validate each top-level field on its own, so one bad section leaves the others usable.
+
+    Returns:
+        The fields that validated (absent ones take their defaults later) and `  field: message`
+        lines for the rest, unknown and missing fields included.
+    """
+    good: dict[str, Any] = {}
+    problems = [f"  {k}: Extra inputs are not permitted" for k in raw if k not in JobSpec.model_fields]
+    for name, field in JobSpec.model_fields.items():
+        if name not in raw:
+            if field.is_required():
+                problems.append(f"  {name}: Field required")
+            continue
+        try:
+            good[name] = TypeAdapter(Annotated[field.annotation, field]).validate_python(raw[name])
+        except ValidationError as e:
+            problems += _format_validation_error(e, name)
+    return good, problems
+
+
+def _looks_like_path(value: str) -> bool:
+    # Template text always holds Jinja ({{ or {%); a single line without braces can only be a file.
+    return value.endswith((".jinja", ".jinja2", ".j2")) or ("\n" not in value and "{" not in value)
+
+
+def _check_model_dir(where: str, m: ModelSpec, base: Path) -> list[str]:
+    """Resolve a model's path and chat template file; name what is missing or unreadable."""
+    problems = []
+    m.path = resolve_path(m.path, base)
+    folder = Path(m.path)
+    config = folder / "config.json"
+    if not folder.is_dir():
+        problems.append(f"  {where}.path: model directory {m.path} does not exist (poft-ds loads models locally)")
+    elif not config.is_file():
+        problems.append(f"  {where}.path: {m.path} has no config.json; is it a Hugging Face model directory?")
+    else:
+        try:
+            json.loads(config.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            where_in = f" at line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+            problems.append(f"  {where}.path: {config} is not valid JSON{where_in}: {getattr(e, 'msg', e)}")
+        if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            problems.append(
+                f"  {where}.path: {m.path} has no tokenizer (tokenizer.json, tokenizer.model or "
+                "tokenizer_config.json); copy the tokenizer files next to the weights"
+            )
+    if m.chat_template and len(m.chat_template) < 4096 and "\n" not in m.chat_template:
+        template_file = Path(resolve_path(m.chat_template, base))
+        try:
+            if template_file.is_file():
+                m.chat_template = template_file.read_text()
+            elif template_file.is_dir():
+                problems.append(f"  {where}.chat_template: {template_file} is a folder, not a template file")
+            elif _looks_like_path(m.chat_template):
+                problems.append(
+                    f"  {where}.chat_template: template file {template_file} does not exist "
+                    "(template text needs Jinja, e.g. {% for message in messages %})"
+                )
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(f"  {where}.chat_template: cannot read {template_file}: {e}")
+    return problems
+
+
+def _check_paths(spec: JobSpec, base: Path, bad: set[str]) -> tuple[list[str], set[str]]:
+    """Resolve every path against the spec's folder and check that it exists.
+
+    Returns:
+        `  field: message` lines, and the model fields (`model`, `aligned_models[i]`) whose
+        directory or template is unusable, whose template checks would only repeat the problem.
+    """
+    problems: list[str] = []
+    broken: set[str] = set()
+    if "run_dir" not in bad:
+        spec.run_dir = resolve_path(spec.run_dir, base)
+    if "score_store" not in bad and spec.score_store.dir:
+        spec.score_store.dir = resolve_path(spec.score_store.dir, base)
+    models = [] if "model" in bad else [("model", spec.model)]
+    if "aligned_models" not in bad:
+        models += [(f"aligned_models[{i}]", a) for i, a in enumerate(spec.aligned_models)]
+    for where, m in models:
+        found = _check_model_dir(where, m, base)
+        if found:
+            broken.add(where)
+        problems += found
+    if "data" not in bad:
+        if spec.data.cache_dir:
+            spec.data.cache_dir = resolve_path(spec.data.cache_dir, base)
+        spec.data.train_files = [
+            src.model_copy(update={"path": resolve_path(src.path, base)}) for src in spec.data.sources
+        ]
+        for i, src in enumerate(spec.data.sources):
+            if Path(src.path).is_dir():
+                problems.append(f"  data.train_files[{i}]: {src.path} is a folder; name the data files in it")
+            elif not Path(src.path).is_file():
+                problems.append(f"  data.train_files[{i}]: {src.path} does not exist")
+    if "launcher" not in bad:
+        for where, holder in (("launcher.deepspeed", spec.launcher.deepspeed), ("launcher.mpi", spec.launcher.mpi)):
+            if holder.hostfile:
+                holder.hostfile = resolve_path(holder.hostfile, base)
+                if not Path(holder.hostfile).is_file():
+                    problems.append(f"  {where}.hostfile: {holder.hostfile} does not exist")
+    if "deepspeed" not in bad:
+        for field in ("train_config", "reference_config"):
+            try:
+                setattr(spec.deepspeed, field, str(resolve_ds_config(getattr(spec.deepspeed, field), base)))
+            except SpecError as e:
+                problems.append(f"  deepspeed.{field}: {e}")
+                broken.add(f"deepspeed.{field}")
+    return problems, broken
+
+
+def _check_deepspeed(spec: JobSpec, bad: set[str], broken: set[str]) -> list[str]:
+    """Build both DeepSpeed configs as the ranks will, so that a contradiction fails here, not there."""
+    from poft_ds.ds_config import reference_config, trainer_config  # it imports this module
+
+    problems = []
+    if not bad & {"deepspeed", "training"} and "deepspeed.reference_config" not in broken:
+        try:
+            reference_config(spec, "fp32")
+        except SpecError as e:
+            problems.append(f"  deepspeed.reference_config: {e}")
+    # The trainer config carries the derived accumulation steps: only meaningful once they divide.
+    needs = {"deepspeed", "training", "topology", "aligned_models", "objective"}
+    if not bad & needs and "deepspeed.train_config" not in broken and _batch_arithmetic_ok(spec):
+        try:
+            trainer_config(spec, "fp32")
+        except SpecError as e:
+            problems.append(f"  deepspeed.train_config: {e}")
+    return problems
+
+
+def load_spec(path: str | os.PathLike[str], check_templates: Callable[[JobSpec], None] | None = None) -> JobSpec:
+    """Load, interpolate, validate and path-resolve a job spec, reporting every problem at once.
+
+    Field types, cross-field rules, paths, DeepSpeed configs and (with `check_templates`) chat
+    templates are all checked on whatever parsed, so that one run names every mistake.
 
     Args:
         path: The YAML file.
+        check_templates: Raises SpecError naming each model whose template cannot be used
+            (`poft_ds.inspect.check_templates`); run on the models whose directories are usable.
 
     Returns:
         The validated spec with absolute paths.
@@ -482,55 +688,38 @@ def load_spec(path: str | os.PathLike[str]) -> JobSpec:
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise SpecError(f"{path}: cannot read the job spec: {e}") from e
+        with path.open() as f:
+            raw = yaml.load(f, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise SpecError(f"{path}: cannot read the job spec: {e}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a job spec is a YAML mapping, got {type(raw).__name__}")
     missing: list[str] = []
     templated: dict[str, str] = {}
     raw = _interpolate(raw, "", missing, templated)
     if missing:
+        # An unset variable leaves a `${VAR}` that every later check would misreport.
         raise SpecError(f"{path}: invalid job spec:\n" + "\n".join(f"  {m}" for m in missing))
-    try:
-        spec = JobSpec.model_validate(raw)
-    except ValidationError as e:
-        raise SpecError(f"{path}: invalid job spec:\n{_format_validation_error(e)}") from None
+    good, problems = _validate_sections(raw)
+    bad = {n for n, f in JobSpec.model_fields.items() if n not in good and (n in raw or f.is_required())}
+    spec = JobSpec.model_construct(**good)  # every field given has been validated above
     spec._templated = templated
-
-    base = path.resolve().parent
-    spec.run_dir = resolve_path(spec.run_dir, base)
-    if spec.score_store.dir:
-        spec.score_store.dir = resolve_path(spec.score_store.dir, base)
-    if spec.data.cache_dir:
-        spec.data.cache_dir = resolve_path(spec.data.cache_dir, base)
-    spec.data.train_files = [src.model_copy(update={"path": resolve_path(src.path, base)}) for src in spec.data.sources]
-    problems = []
-    for where, m in [("model", spec.model)] + [(f"aligned_models[{i}]", a) for i, a in enumerate(spec.aligned_models)]:
-        m.path = resolve_path(m.path, base)
-        if not Path(m.path).is_dir():
-            problems.append(f"  {where}.path: model directory {m.path} does not exist (poft-ds loads models locally)")
-        elif not (Path(m.path) / "config.json").is_file():
-            problems.append(f"  {where}.path: {m.path} has no config.json; is it a Hugging Face model directory?")
-        if m.chat_template and m.chat_template.endswith(".jinja"):
-            template_file = Path(resolve_path(m.chat_template, base))
-            if not template_file.is_file():
-                problems.append(f"  {where}.chat_template: template file {template_file} does not exist")
-            else:
-                m.chat_template = template_file.read_text()
-    for i, src in enumerate(spec.data.sources):
-        if not Path(src.path).is_file():
-            problems.append(f"  data.train_files[{i}]: {src.path} does not exist")
-    for where, holder in (("launcher.deepspeed", spec.launcher.deepspeed), ("launcher.mpi", spec.launcher.mpi)):
-        if holder.hostfile:
-            holder.hostfile = resolve_path(holder.hostfile, base)
-            if not Path(holder.hostfile).is_file():
-                problems.append(f"  {where}.hostfile: {holder.hostfile} does not exist")
-    for field in ("train_config", "reference_config"):
+    if not bad & {"model", "aligned_models"}:
+        _fill_max_lengths(spec)
+    problems += _cross_field_problems(spec, bad)
+    path_problems, broken = _check_paths(spec, path.resolve().parent, bad)
+    problems += path_problems
+    problems += _check_deepspeed(spec, bad, broken)
+    if check_templates is not None and not bad & {"model", "aligned_models"}:
         try:
-            setattr(spec.deepspeed, field, str(resolve_ds_config(getattr(spec.deepspeed, field), base)))
+            check_templates(spec)
         except SpecError as e:
-            problems.append(f"  deepspeed.{field}: {e}")
+            # A model whose directory is already reported would only fail here again, less clearly.
+            problems += [
+                line
+                for line in str(e).splitlines()
+                if line.startswith("  ") and line.strip().split(".chat_template:")[0] not in broken
+            ]
     if problems:
         raise SpecError(f"{path}: invalid job spec:\n" + "\n".join(problems))
     return spec

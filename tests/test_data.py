@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from poft_ds.data import ChatTokenizer, tokenize_rows
-from poft_ds.formats import load_rows, read_source
+from poft_ds.formats import UNDETECTED, load_rows, read_source
 from poft_ds.spec import SourceSpec
 from poft_ds.tiny import ZEPHYR_TEMPLATE
 from tests.conftest import base_spec, write_spec
@@ -80,6 +80,8 @@ def test_truncation_keeps_what_fits_and_counts_samples_left_with_no_response(ass
     prompt_len = full.response_mask.index(True)
     cut, reason = ChatTokenizer(tok, max_length=prompt_len + 3)(THREE_TURNS)
     assert reason is None and len(cut.input_ids) == prompt_len + 3 and sum(cut.response_mask) == 3
+    # Still usable, but the response tokens cut off are counted.
+    assert full.lost_response_tokens == 0 and cut.lost_response_tokens == sum(full.response_mask) - 3
     none, reason = ChatTokenizer(tok, max_length=prompt_len)(THREE_TURNS)
     assert none is None and reason == "no response token within max_length"
 
@@ -123,9 +125,10 @@ def test_corrupted_jsonl_names_every_bad_row(tmp_path: Path, assets: Path) -> No
     assert samples[0] is not None and all(s is None for s in samples[1:])
     where = dict(report.examples)
     assert where.pop("no assistant turn") == [f"{path}:2"]
-    assert where.pop("empty response") == [f"{path}:3"]
-    assert where.pop("malformed roles") == [f"{path}:4", f"{path}:5"]
-    assert where.pop("no 'messages' list") == [f"{path}:6"]
+    assert where.pop("turn 2: empty response") == [f"{path}:3"]
+    assert where.pop("turn 1: unknown role 'robot'") == [f"{path}:4"]
+    assert where.pop("turn 1: content is a number") == [f"{path}:5"]
+    assert where.pop(UNDETECTED) == [f"{path}:6"]
     assert where.pop("duplicate id") == [f"{path}:7"]
     assert where.pop("undecodable (not UTF-8)") == [f"{path}:8"]
     ((reason, rows_),) = where.items()
@@ -165,7 +168,7 @@ def test_every_format_becomes_the_same_conversation(tmp_path: Path) -> None:
     assert row.messages == [{"role": "user", "content": "Sum\n\n1 2"}, {"role": "assistant", "content": "3"}]
     (tmp_path / "sharegpt_bad.jsonl").write_text(json.dumps({"conversations": [{"from": "alien", "value": "x"}]}))
     (row,) = read_source(str(tmp_path / "sharegpt_bad.jsonl"), "sharegpt")
-    assert row.problem == "malformed roles"
+    assert row.problem == "turn 1: unknown role 'alien' (sharegpt)"
 
 
 def test_source_weights_repeat_and_sample_rows(tmp_path: Path) -> None:
@@ -244,6 +247,7 @@ def test_data_inspect_reports_bad_rows_and_refuses_above_the_threshold(assets: P
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["rows"] == 20 and report["usable_by_all_models"] == 18
     assert report["models"]["zephyr"]["outcomes"]["no assistant turn"] == 1
+    assert report["models"]["target"]["truncated_responses"].keys() == {"samples", "tokens"}
     assert "[[" in report["models"]["target"]["masked_sample"]
     spec["data"]["max_bad_fraction"] = 0.2
     assert _cli("data", "inspect", str(write_spec(spec, tmp_path / "job.yaml"))).returncode == 0
@@ -274,5 +278,8 @@ def test_tokenization_is_cached_by_content(assets: Path, tmp_path: Path) -> None
     again, report2 = tokenize_rows(rows, Counting(tok, 96), tmp_path)
     assert Counting.calls == 19  # read from the cache
     assert again == first and report2.counts == report1.counts == {"no assistant turn": 1}
+    cut, _ = tokenize_rows(rows, Counting(tok, 40), tmp_path)  # lost response tokens survive the cache
+    assert any(s.lost_response_tokens for s in cut if s)
+    assert tokenize_rows(rows, Counting(tok, 40), tmp_path)[0] == cut
     tokenize_rows(rows, Counting(tok, 64), tmp_path)  # another max length: another entry
-    assert Counting.calls == 38 and len(list(tmp_path.glob("*.parquet"))) == 2
+    assert Counting.calls == 57 and len(list(tmp_path.glob("*.parquet"))) == 3

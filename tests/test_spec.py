@@ -70,6 +70,80 @@ def test_valid_spec_derives_roles_and_accumulation(assets: Path, tmp_path: Path)
             "aligned_models[0].ranks",
         ),
         (lambda s: s["aligned_models"][0].update(trust_remote_code="yes please"), "aligned_models.0.trust_remote_code"),
+        # Numbers: finite, and in the range the code that uses them accepts.
+        (
+            lambda s: s["training"].update(learning_rate=float("inf")),
+            "training.learning_rate: Input should be a finite number",
+        ),
+        (lambda s: s["objective"].update(gamma=float("nan")), "objective.gamma: Input should be a finite number"),
+        (lambda s: s.update(timeouts={"step_s": float("inf")}), "timeouts.step_s"),
+        (
+            lambda s: s["data"].update(train_files=[{"path": s["data"]["train_files"][0], "weight": float("nan")}]),
+            "data.train_files.0",
+        ),
+        (lambda s: s["training"].update(adam_betas=[0.9, 1.0]), "training.adam_betas.1"),
+        (lambda s: s["training"].update(adam_betas=[-0.1, 0.999]), "training.adam_betas.0"),
+        (lambda s: s.update(seed=-1), "seed: Input should be greater than or equal to 0"),
+        (lambda s: s.update(seed=2**64), "seed: Input should be less than"),
+        (lambda s: s.update(run_dir=""), "run_dir"),
+        (lambda s: s["model"].update(path=""), "model.path"),
+        # SFT with aligned models would silently drop them.
+        (lambda s: s["objective"].update(kind="sft"), "aligned_models: objective.kind 'sft' uses no aligned models"),
+        # Absurd sizes are named as such, not as batch arithmetic.
+        (
+            lambda s: s["topology"].update(procs_per_node=100_000),
+            "topology.procs_per_node: Input should be less than or equal to 1024",
+        ),
+        (lambda s: s["topology"].update(nodes=10_000), "topology.nodes: Input should be less than or equal to 4096"),
+        # Files named by the spec.
+        (
+            lambda s: s["model"].update(chat_template="missing.jinja"),
+            "model.chat_template: template file ... missing.jinja does not exist",
+        ),
+        (
+            lambda s: s["aligned_models"][0].update(chat_template="templates/chatml"),
+            "aligned_models[0].chat_template: ... does not exist",
+        ),
+        (lambda s: s["deepspeed"].update(train_config="nonexistent.json"), "deepspeed.train_config"),
+        (
+            lambda s: s.update(launcher={"kind": "deepspeed", "deepspeed": {"hostfile": "no_hosts"}}),
+            "launcher.deepspeed.hostfile",
+        ),
+        # DeepSpeed configs are built at validation, as the ranks will build them.
+        (
+            lambda s: s["deepspeed"].update(overrides={"train_batch_size": 16}),
+            "deepspeed.train_config: ... 'train_batch_size' is 16",
+        ),
+        (
+            lambda s: s["deepspeed"].update(overrides={"gradient_accumulation_steps": 4}),
+            "deepspeed.train_config: ... gradient_accumulation_steps",
+        ),
+        (
+            lambda s: s["deepspeed"].update(overrides={"gradient_clipping": 0.5}),
+            "deepspeed.train_config: ... training.max_grad_norm",
+        ),
+        (
+            lambda s: s["deepspeed"].update(overrides={"zero_optimization": {"stage": 2}}),
+            "deepspeed.train_config: ... stage must be 3",
+        ),
+        (
+            lambda s: s["deepspeed"].update(overrides={"bf16": True}),
+            "deepspeed.train_config: ... 'bf16' must be a JSON object",
+        ),
+        (
+            lambda s: s["deepspeed"].update(
+                overrides={"optimizer": {"type": "SGD"}, "zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
+            ),
+            "deepspeed.train_config: ... 'SGD' cannot run with offload_optimizer",
+        ),
+        (
+            lambda s: s["deepspeed"].update(overrides={"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}),
+            "deepspeed.train_config: ... needs an nvme_path",
+        ),
+        (
+            lambda s: s["deepspeed"].update(overrides={"optimizer": {"type": "AdamW"}}),
+            "deepspeed.train_config: ... would be ignored",
+        ),
     ],
 )
 def test_invalid_specs_name_the_field(assets: Path, tmp_path: Path, change, field: str) -> None:
@@ -77,7 +151,8 @@ def test_invalid_specs_name_the_field(assets: Path, tmp_path: Path, change, fiel
     change(spec)
     with pytest.raises(SpecError) as err:
         _load(spec, tmp_path)
-    assert field in str(err.value) and "job.yaml" in str(err.value)
+    # `field` is the field path, then (after " ... ") what the message must also say.
+    assert all(part in str(err.value) for part in field.split(" ... ")) and "job.yaml" in str(err.value)
 
 
 def test_all_problems_are_reported_at_once(assets: Path, tmp_path: Path) -> None:
@@ -91,12 +166,108 @@ def test_all_problems_are_reported_at_once(assets: Path, tmp_path: Path) -> None
         assert field in str(err.value)
 
 
-def test_deepspeed_file_contradicting_the_spec_is_rejected(assets: Path, tmp_path: Path) -> None:
+def test_deepspeed_file_contradicting_the_spec_is_rejected_at_validation(assets: Path, tmp_path: Path) -> None:
     ds = json.loads((REPO_ROOT / "ds_configs" / "zero3.json").read_text()) | {"train_micro_batch_size_per_gpu": 4}
     (tmp_path / "ds.json").write_text(json.dumps(ds))
-    spec = _load(base_spec(assets, tmp_path / "r", deepspeed={"train_config": "ds.json"}), tmp_path)
-    with pytest.raises(SpecError, match=r"train_micro_batch_size_per_gpu.*training\.micro_batch_size"):
-        trainer_config(spec, "fp32")
+    with pytest.raises(SpecError, match=r"deepspeed.train_config: .*train_micro_batch_size_per_gpu.*micro_batch_size"):
+        _load(base_spec(assets, tmp_path / "r", deepspeed={"train_config": "ds.json"}), tmp_path)
+
+
+def _model_copy(src: Path, dst: Path, drop: tuple[str, ...] = ()) -> str:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*drop))
+    return str(dst)
+
+
+def _ds_file(tmp_path: Path, name: str, text: str) -> str:
+    (tmp_path / name).write_text(text)
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (
+            lambda s, tmp: s["deepspeed"].update(
+                train_config=_ds_file(tmp, "ds.json", '{"zero_optimization": {"stage": 3,}}')
+            ),
+            "deepspeed.train_config: " + "{tmp}/ds.json: not valid JSON at line 1, column 35",
+        ),
+        (
+            lambda s, tmp: s["deepspeed"].update(train_config=_ds_file(tmp, "ds.json", "[1, 2]")),
+            "deepspeed.train_config",
+        ),
+        (
+            lambda s, tmp: s["deepspeed"].update(train_config=_ds_file(tmp, "ds.json", '{"train_batch_size": "auto"}')),
+            "deepspeed.train_config: {tmp}/ds.json: zero_optimization.stage must be 3",
+        ),
+        (
+            lambda s, tmp: s["deepspeed"].update(
+                reference_config=_ds_file(tmp, "ref.json", '{"zero_optimization": {"stage": 0}}')
+            ),
+            "deepspeed.reference_config",
+        ),
+        (
+            lambda s, tmp: s["model"].update(
+                path=_model_copy(Path(s["model"]["path"]), tmp / "m", drop=("tokenizer*",))
+            ),
+            "model.path: {tmp}/m has no tokenizer",
+        ),
+        (
+            lambda s, tmp: (
+                s["aligned_models"][1].update(path=_model_copy(Path(s["aligned_models"][1]["path"]), tmp / "m"))
+                or (tmp / "m" / "config.json").write_text('{"model_type": "llama"\n"vocab_size": 3}')
+            ),
+            "aligned_models[1].path: {tmp}/m/config.json is not valid JSON at line 2",
+        ),
+        (lambda s, tmp: s["model"].update(chat_template=str(tmp)), "model.chat_template: {tmp} is a folder"),
+        (lambda s, tmp: s["data"].update(train_files=[str(tmp)]), "data.train_files[0]: {tmp} is a folder"),
+    ],
+)
+def test_invalid_files_name_the_field(assets: Path, tmp_path: Path, change, field: str) -> None:
+    spec = base_spec(assets, tmp_path / "r")
+    change(spec, tmp_path)
+    with pytest.raises(SpecError) as err:
+        _load(spec, tmp_path)
+    assert field.format(tmp=tmp_path) in str(err.value)
+
+
+def test_duplicated_yaml_key_is_named_with_its_line(assets: Path, tmp_path: Path) -> None:
+    path = write_spec(base_spec(assets, tmp_path / "r"), tmp_path / "job.yaml")
+    path.write_text(path.read_text() + "training:\n  learning_rate: 0.1\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    line = len(path.read_text().splitlines()) - 1
+    assert "duplicate key 'training'" in str(err.value) and f'"{path}", line {line}' in str(err.value)
+
+
+def test_chat_template_naming_a_file_of_any_extension_is_read(assets: Path, tmp_path: Path) -> None:
+    template = (assets / "target" / "chat_template.jinja").read_text()
+    (tmp_path / "chatml.txt").write_text(template)
+    spec = base_spec(assets, tmp_path / "r")
+    spec["model"]["chat_template"] = "chatml.txt"
+    assert _load(spec, tmp_path).model.chat_template == template
+
+
+def test_mistakes_in_every_stage_are_reported_in_one_run(assets: Path, tmp_path: Path) -> None:
+    spec = base_spec(assets, tmp_path / "r")
+    spec["training"]["learning_rate"] = "fast"  # a type error
+    spec["aligned_models"][1]["name"] = "chatml"  # a cross-field rule
+    spec["data"]["train_files"] = [str(tmp_path / "missing.jsonl")]  # a path
+    spec["aligned_models"][0]["chat_template"] = "{% for m in messages %}{{ m.content }"  # a template
+    proc = subprocess.run(
+        [sys.executable, "-m", "poft_ds.cli", "validate", str(write_spec(spec, tmp_path / "job.yaml"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    for field in (
+        "training.learning_rate:",
+        "aligned_models: names must be unique",
+        "data.train_files[0]:",
+        "aligned_models[0].chat_template:",
+    ):
+        assert field in proc.stderr, proc.stderr
 
 
 def test_env_interpolation_and_missing_variables(assets: Path, tmp_path: Path, monkeypatch) -> None:
