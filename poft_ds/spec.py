@@ -76,7 +76,7 @@ class SourceSpec(_Strict):
 
     path: str = Field(min_length=1, description="JSONL, JSON, parquet or arrow file.")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = Field(
-        "auto", description="Row format; `auto` detects it from the first row."
+        "auto", description="Row format; `auto` detects it row by row."
     )
     columns: dict[str, str] = Field(
         default_factory=dict, description="Format field -> column name, e.g. {messages: chat, id: uid}."

@@ -190,9 +190,14 @@ def test_slurm_sigterm_checkpoints_requeues_and_completes(slurm_cluster, assets:
         assert time.time() < deadline and _job_state(job_id) in ("PENDING", "RUNNING", "CONFIGURING")
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
+    pending_since = None
     while (state := _job_state(job_id)) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
         assert time.time() < deadline, f"Slurm job {job_id} still {state}"
-        if state == "PENDING":  # Slurm delays a requeued job's start by default; not worth waiting for here
+        pending_since = (pending_since or time.time()) if state == "PENDING" else None
+        # Slurm delays a requeued job's start by default; not worth waiting for here. But not at once:
+        # slurmd refuses a credential made in the same second as the old one's revocation
+        # ("Job credential revoked"), so the requeued job must start a few seconds later.
+        if pending_since and time.time() - pending_since > 3:
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
         time.sleep(1)
     log = next((tmp_path / "run" / "slurm").glob(f"*-{job_id}.out")).read_text()
