@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from poft_ds.schedule import Schedule, length_grouped_batches, reference_positions
+from poft_ds.data.schedule import Schedule, length_grouped_batches, reference_positions
 
 
 def _efficiency(batches: list[list[int]], lengths: list[int], width: int | None = None) -> float:

@@ -26,10 +26,12 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from transformers import PreTrainedTokenizerBase
 
+from poft_ds.data.prepare import PreparedData
+from poft_ds.distributed import Worlds, bridge_broadcast_int
 from poft_ds.files import atomic_write
-from poft_ds.job import save_resolved_spec
 from poft_ds.spec import JobSpec
 
 MANIFEST = "manifest.json"
@@ -184,3 +186,47 @@ def export_hf_model(engine: deepspeed.DeepSpeedEngine, tokenizer: PreTrainedToke
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     dist.barrier()
+
+
+def save_resolved_spec(spec: JobSpec, folder: Path) -> None:
+    """Write the resolved spec (what actually ran) as YAML."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "job.resolved.yaml").write_text(yaml.safe_dump(spec.public_dump(), sort_keys=False))
+
+
+REFUSED = -1  # broadcast instead of a step when global rank 0 refuses to resume
+
+
+def agree_on_resume_step(spec: JobSpec, worlds: Worlds, data: PreparedData) -> int:
+    """The step every rank continues from: global rank 0 (trainer 0) picks the newest verified
+    checkpoint (`checkpoint.resume: auto`), or 0; the choice is broadcast to all ranks.
+
+    A checkpoint written under another schedule (data, seed, batch sizes, filters) is refused
+    unless `checkpoint.allow_schedule_change` is set: the run would silently follow another order.
+
+    Raises:
+        RuntimeError: with `checkpoint.resume: required` and no usable checkpoint, or when the
+            schedule changed.
+    """
+    step, refusal = 0, ""
+    if worlds.identity.global_rank == 0 and spec.checkpoint.resume != "never":
+        found = newest_valid_checkpoint(spec)
+        step = found[0] if found else 0
+        changes = schedule_changes(found[1], data.fingerprint(spec)) if found else []
+        if changes and spec.checkpoint.allow_schedule_change:
+            print(f"[poft-ds] resuming {found[1]} under a changed schedule: {'; '.join(changes)}", flush=True)
+        elif changes:
+            step, refusal = (
+                REFUSED,
+                (
+                    f"refusing to resume from {found[1]}: the schedule changed since it was written "
+                    f"({'; '.join(changes)}). Restore the old data and settings, use a new run_dir, or set "
+                    "checkpoint.allow_schedule_change: true to continue with a different sample order"
+                ),
+            )
+    step = bridge_broadcast_int(worlds, step)
+    if step == REFUSED:
+        raise RuntimeError(refusal or "global rank 0 refused to resume (the schedule changed; see its message)")
+    if step == 0 and spec.checkpoint.resume == "required":
+        raise RuntimeError(f"checkpoint.resume: required, but {spec.run_dir}/checkpoints has no usable checkpoint")
+    return step

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import yaml
 
-from poft_ds.formats import DataError
+from poft_ds.data.rows import DataError
 from poft_ds.spec import JobSpec, SpecError, load_spec, scoring_spec
 
 
 def _load_checked(path: str) -> JobSpec:
     """Load a spec and prove every model's chat template can be masked, all in one report."""
-    from poft_ds.inspect import check_templates
+    from poft_ds.preflight import check_templates
 
     spec = load_spec(path, check_templates=check_templates)
     for i, m in enumerate(spec.aligned_models if spec.objective.kind == "poft" else []):
@@ -66,7 +66,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
-    from poft_ds.inspect import inspect_data
+    from poft_ds.preflight import inspect_data
 
     report = inspect_data(_load_checked(args.spec))
     if args.json:

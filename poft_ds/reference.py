@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from poft_ds.data import collate, pad_token_id
+from poft_ds.data.batch import collate, pad_token_id
+from poft_ds.data.prepare import PreparedData
+from poft_ds.data.schedule import first_trainer_of, length_grouped_batches, reference_positions, shared_positions
 from poft_ds.distributed import Worlds, local_stop_requested, wait_send
 from poft_ds.ds_config import reference_config, resolve_precision
-from poft_ds.job import PreparedData
 from poft_ds.models import inference_engine, load_scorer, verify_head, write_rank_record
-from poft_ds.schedule import first_trainer_of, length_grouped_batches, reference_positions, shared_positions
 from poft_ds.score_store import ScoreStore, model_fingerprint, scorer_id
 from poft_ds.spec import JobSpec
 

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from poft_ds.formats import DataError, Row, load_rows
-from poft_ds.inspect import load_tokenizer
+from poft_ds.data.chat import load_tokenizer
+from poft_ds.data.rows import DataError, Row, load_rows
 from poft_ds.loss import aggregate_reference_scores
 from poft_ds.score_store import ScoreStore, model_fingerprint, sample_key, scorer_id
 from poft_ds.spec import JobSpec

@@ -678,7 +678,7 @@ def load_spec(path: str | os.PathLike[str], check_templates: Callable[[JobSpec],
     Args:
         path: The YAML file.
         check_templates: Raises SpecError naming each model whose template cannot be used
-            (`poft_ds.inspect.check_templates`); run on the models whose directories are usable.
+            (`poft_ds.preflight.check_templates`); run on the models whose directories are usable.
 
     Returns:
         The validated spec with absolute paths.

@@ -29,14 +29,14 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
-from poft_ds.checkpoint import checkpoint_root, export_hf_model, load_checkpoint, save_checkpoint
-from poft_ds.data import collate, pad_token_id
+from poft_ds.checkpoint import checkpoint_root, export_hf_model, load_checkpoint, save_checkpoint, save_resolved_spec
+from poft_ds.data.batch import collate, pad_token_id
+from poft_ds.data.prepare import PreparedData
+from poft_ds.data.schedule import shared_positions
 from poft_ds.distributed import PREEMPTED_MARKER, Preempted, Worlds, preemption_requested
 from poft_ds.ds_config import resolve_precision, trainer_config
-from poft_ds.job import PreparedData, save_resolved_spec
 from poft_ds.loss import aggregate_reference_scores, poft_loss
 from poft_ds.models import load_scorer, verify_head, write_rank_record
-from poft_ds.schedule import shared_positions
 from poft_ds.spec import JobSpec
 
 

@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from poft_ds.data import ChatTokenizer, tokenize_rows
-from poft_ds.formats import UNDETECTED, DataError, load_rows
+from poft_ds.data.chat import ChatTokenizer
+from poft_ds.data.rows import UNDETECTED, DataError, load_rows
+from poft_ds.data.tokenize import tokenize_rows
 
 
 def msgs(*turns: Any) -> dict[str, Any]:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from poft_ds.data import ChatTokenizer, tokenize_rows
-from poft_ds.formats import UNDETECTED, load_rows, read_source
+from poft_ds.data.chat import ChatTokenizer
+from poft_ds.data.rows import UNDETECTED, load_rows, read_source
+from poft_ds.data.tokenize import tokenize_rows
 from poft_ds.spec import SourceSpec
 from poft_ds.tiny import ZEPHYR_TEMPLATE
 from tests.conftest import base_spec, write_spec

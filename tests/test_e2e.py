@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from poft_ds.data import ChatTokenizer
-from poft_ds.formats import load_rows
+from poft_ds.data.chat import ChatTokenizer
+from poft_ds.data.rows import load_rows
 from tests.conftest import PARTITIONED, base_spec, launch, read_metrics, run_job, write_spec
 from tests.test_scoring import plain_scores
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from poft_ds.data import ChatTokenizer
-from poft_ds.formats import load_rows
+from poft_ds.data.chat import ChatTokenizer
+from poft_ds.data.rows import load_rows
 from poft_ds.scoring import ResponseScorer, check_head
 from tests.conftest import base_spec, read_metrics, run_job
 from tests.test_e2e import dumped_scores, single_process_scores

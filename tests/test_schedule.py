@@ -2,7 +2,7 @@
 
 import pytest
 
-from poft_ds.schedule import Schedule, reference_positions, shared_positions
+from poft_ds.data.schedule import Schedule, reference_positions, shared_positions
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from poft_ds.schedule import Schedule
+from poft_ds.data.schedule import Schedule
 from poft_ds.score_store import ScoreStore, model_fingerprint, sample_key, scorer_id
 from tests.conftest import base_spec, launch, read_metrics, start_cli, write_spec
 

@@ -5,8 +5,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from poft_ds.data import ChatTokenizer, collate, pad_token_id
-from poft_ds.formats import load_rows
+from poft_ds.data.batch import collate, pad_token_id
+from poft_ds.data.chat import ChatTokenizer
+from poft_ds.data.rows import load_rows
 from poft_ds.scoring import ResponseScorer
 
 

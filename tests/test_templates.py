@@ -19,8 +19,9 @@ import pytest
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from poft_ds.data import ChatTokenizer, tokenize_rows
-from poft_ds.formats import load_rows
+from poft_ds.data.chat import ChatTokenizer
+from poft_ds.data.rows import load_rows
+from poft_ds.data.tokenize import tokenize_rows
 from poft_ds.tiny import ZEPHYR_TEMPLATE
 from tests.conftest import base_spec, write_spec
 

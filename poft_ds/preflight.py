@@ -11,10 +11,11 @@ import statistics
 from typing import Any
 
 from jinja2 import TemplateSyntaxError
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from poft_ds.data import REFUSED, ChatTokenizer, tokenize_rows
-from poft_ds.formats import DataError, load_rows
+from poft_ds.data.chat import REFUSED, ChatTokenizer, load_tokenizer
+from poft_ds.data.rows import DataError, load_rows
+from poft_ds.data.tokenize import tokenize_rows
 from poft_ds.spec import JobSpec, ModelSpec, SpecError
 
 # Several turns, with contents that start and end with whitespace (which some templates trim).
@@ -33,14 +34,6 @@ def job_models(spec: JobSpec) -> list[tuple[str, str, ModelSpec]]:
     if spec.objective.kind == "poft":
         out += [(f"aligned_models[{i}]", m.name, m) for i, m in enumerate(spec.aligned_models)]
     return out
-
-
-def load_tokenizer(model: ModelSpec) -> PreTrainedTokenizerBase:
-    """A model's tokenizer, with the spec's chat template applied when it overrides one."""
-    tok = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
-    if model.chat_template:
-        tok.chat_template = model.chat_template
-    return tok
 
 
 def check_templates(spec: JobSpec) -> None:

@@ -1,4 +1,4 @@
-"""Chat data: loading rows, rendering them with a model's chat template, masking responses.
+"""Render and mask: a conversation as one model sees it, under its own chat template.
 
 Every model (the target and each aligned model) tokenizes a sample with its *own* tokenizer and
 chat template. The response mask marks the tokens of every assistant turn: the turn's content as
@@ -22,23 +22,23 @@ text tokenize exactly as a single call over the rendering would.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
-from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
 from jinja2 import TemplateError, TemplateSyntaxError
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from poft_ds import __version__
-from poft_ds.files import atomic_write
-from poft_ds.formats import DataError, Row
+from poft_ds.data.rows import DataError
+from poft_ds.spec import ModelSpec
+
+
+def load_tokenizer(model: ModelSpec) -> PreTrainedTokenizerBase:
+    """A model's tokenizer, with the spec's chat template applied when it overrides one."""
+    tok = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    if model.chat_template:
+        tok.chat_template = model.chat_template
+    return tok
 
 
 @dataclass
@@ -49,20 +49,6 @@ class TokenizedSample:
     response_mask: list[bool]
     # Response tokens cut off by max_length (the sample is still usable, but trains on less).
     lost_response_tokens: int = 0
-
-
-@dataclass
-class TokenizeReport:
-    """Counts of samples a tokenizer could not use, by reason, with example rows."""
-
-    counts: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-
-    def add(self, reason: str, where: str) -> None:
-        self.counts[reason] += 1
-        self.examples.setdefault(reason, [])
-        if len(self.examples[reason]) < 5:
-            self.examples[reason].append(where)
 
 
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -314,108 +300,3 @@ class ChatTokenizer:
             ids += enc["input_ids"]
             offsets += [(s + a, e + a) for s, e in enc["offset_mapping"]]
         return ids, offsets
-
-
-def tokenize_rows(
-    rows: list[Row], chat: ChatTokenizer, cache_dir: Path | None = None
-) -> tuple[list[TokenizedSample | None], TokenizeReport]:
-    """Tokenize every usable row; unusable ones become None and are counted by reason.
-
-    With `cache_dir`, the result is kept under a hash of the rows' contents, the tokenizer's
-    files, the template, max length and truncation, so a rerun does not tokenize again.
-    """
-    key = _cache_key(rows, chat) if cache_dir is not None else None
-    results = _read_cache(cache_dir / f"{key}.parquet") if key else None
-    if results is None or len(results) != len(rows):
-        results = [chat(r.messages) if r.problem is None else (None, r.problem) for r in rows]
-        if key:
-            _write_cache(cache_dir / f"{key}.parquet", results)
-    report = TokenizeReport()
-    for row, (_, reason) in zip(rows, results):
-        if reason is not None:
-            report.add(reason, row.where)
-    return [sample for sample, _ in results], report
-
-
-def _cache_key(rows: list[Row], chat: ChatTokenizer) -> str:
-    h = hashlib.sha256()
-    for r in rows:
-        h.update((json.dumps(r.messages, ensure_ascii=False) if r.messages else f"!{r.problem}").encode())
-        h.update(b"\0")
-    folder = Path(chat.tok.name_or_path)
-    for f in sorted(folder.glob("*")) if folder.is_dir() else []:
-        if f.is_file() and (
-            f.name.startswith(("tokenizer", "special_tokens", "added_tokens")) or f.suffix in (".model", ".jinja")
-        ):
-            h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
-    h.update(
-        f"{chat.template}|{chat.max_length}|{chat.truncation}|{chat.prepend_bos}|{__version__}|{MASK_RULES}".encode()
-    )
-    return h.hexdigest()[:32]
-
-
-def _read_cache(path: Path) -> list[tuple[TokenizedSample | None, str | None]] | None:
-    try:
-        table = pq.read_table(path).to_pydict()
-    except (OSError, pa.ArrowException):
-        return None
-    if "lost_response_tokens" not in table:
-        return None
-    return [
-        (TokenizedSample(ids, mask, lost) if ids is not None else None, reason)
-        for ids, mask, lost, reason in zip(
-            table["input_ids"], table["response_mask"], table["lost_response_tokens"], table["reason"]
-        )
-    ]
-
-
-def _write_cache(path: Path, results: list[tuple[TokenizedSample | None, str | None]]) -> None:
-    table = pa.table(
-        {
-            "input_ids": [s.input_ids if s else None for s, _ in results],
-            "response_mask": [s.response_mask if s else None for s, _ in results],
-            "lost_response_tokens": [s.lost_response_tokens if s else None for s, _ in results],
-            "reason": [reason for _, reason in results],
-        }
-    )
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write(path, sink.getvalue().to_pybytes())
-
-
-@dataclass
-class Batch:
-    """A right-padded batch of samples."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
-
-    def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
-
-    @property
-    def real_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-
-def collate(samples: list[TokenizedSample], pad_id: int) -> Batch:
-    """Right-pad samples into one batch (right padding keeps causal positions unchanged)."""
-    width = max(len(s.input_ids) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(samples), width), dtype=torch.long)
-    resp = torch.zeros((len(samples), width), dtype=torch.bool)
-    for i, s in enumerate(samples):
-        n = len(s.input_ids)
-        ids[i, :n] = torch.tensor(s.input_ids)
-        attn[i, :n] = 1
-        resp[i, :n] = torch.tensor(s.response_mask)
-    return Batch(ids, attn, resp)
-
-
-def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """A token id for padding (padding is masked, so any valid id works when none is defined)."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return candidate
-    return 0
