@@ -38,12 +38,17 @@ def _load_checked(path: str) -> JobSpec:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from poft_ds.scores import reference_plan
+
     spec = _load_checked(args.spec)
+    launch, how = reference_plan(spec)
     print(yaml.safe_dump(spec.public_dump(), sort_keys=False), end="")
+    if how:
+        print(f"# {how}", file=sys.stderr)
     roles = f"{spec.trainer_ranks} trainer ranks" + "".join(
-        f", {m.ranks} for {m.name}" for m in (spec.aligned_models if spec.objective.kind == "poft" else [])
+        f", {m.ranks} for {m.name}" for m in (spec.aligned_models if launch.reference_ranks else [])
     )
-    print(f"# ok: {spec.world_size} processes: {roles}; {spec.grad_accum_steps} accumulation steps", file=sys.stderr)
+    print(f"# ok: {launch.world_size} processes: {roles}; {spec.grad_accum_steps} accumulation steps", file=sys.stderr)
     return 0
 
 
@@ -52,11 +57,31 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_reference_plan(spec: JobSpec, spec_path: str) -> tuple[JobSpec, str]:
+    """Decide whether reference ranks start (`reference.mode`) and the spec file the ranks read.
+
+    A job that `reference.mode: auto` turns store-only launches from a copy of the resolved spec
+    with `reference.mode: store` (in `<run_dir>/launch/`), so every rank agrees there are no
+    reference ranks.
+    """
+    from poft_ds.scores import reference_plan
+
+    launch, how = reference_plan(spec)
+    if how:
+        print(f"[poft-ds] {how}", flush=True)
+    if launch.store_only and not spec.store_only:
+        path = Path(launch.run_dir) / "launch" / "job.store.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(launch.public_dump(), sort_keys=False))
+        return launch, str(path)
+    return launch, spec_path
+
+
 def _cmd_launch(args: argparse.Namespace) -> int:
     from poft_ds.launchers import plan_launch, run_launch
 
-    spec = _load_checked(args.spec)
-    plan = plan_launch(spec, args.spec, extra=("--resume",) if args.resume else ())
+    spec, spec_path = _with_reference_plan(_load_checked(args.spec), args.spec)
+    plan = plan_launch(spec, spec_path, extra=("--resume",) if args.resume else ())
     for path, text in plan.files.items():
         print(f"# {path}\n{text}", end="" if text.endswith("\n") else "\n")
     print("+ " + shlex.join(plan.command), flush=True)
@@ -92,7 +117,7 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_padding(args: argparse.Namespace) -> int:
-    from poft_ds.bench import padding_efficiency
+    from poft_ds.bench.padding import padding_efficiency
 
     result = padding_efficiency(global_batch=args.global_batch, score_batch_size=args.score_batch_size)
     text = json.dumps(result, indent=2)
@@ -100,6 +125,47 @@ def _cmd_bench_padding(args: argparse.Namespace) -> int:
         with open(args.out, "w") as f:
             f.write(text + "\n")
     print(text)
+    return 0
+
+
+def _cmd_bench_scoring(args: argparse.Namespace) -> int:
+    from poft_ds.bench.scoring import FULL, scoring_throughput
+
+    # --full starts from the issue's sizes; any option given explicitly overrides either default.
+    kwargs = dict(FULL) if args.full else {}
+    options = ("n_samples", "median_tokens", "max_length", "vocab_size", "hidden_size", "intermediate_size", "layers")
+    options += ("heads", "kv_heads", "max_tokens", "baseline_batch_size", "chunk_tokens", "device", "dtype")
+    kwargs.update({k: getattr(args, k) for k in options if getattr(args, k) is not None})
+    result = scoring_throughput(**kwargs)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
+def _cmd_bench_data(args: argparse.Namespace) -> int:
+    from poft_ds.bench.data import data_bench
+
+    result = data_bench(n_rows=args.rows, procs=args.procs, rate_rows=args.rate_rows, work=args.work)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
+def _cmd_bench_job(args: argparse.Namespace) -> int:
+    from poft_ds.bench.job import BenchError, bench_job, format_table
+
+    try:
+        result = bench_job(args.spec, args.out, args.steps, args.warmup_steps, args.peak_tflops, args.repeats)
+    except BenchError as e:
+        print(f"poft-ds bench: {e}", file=sys.stderr)
+        return 1
+    print(format_table(result))
     return 0
 
 
@@ -200,6 +266,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--global-batch", type=int, default=512)
     p.add_argument("--score-batch-size", type=int, default=8)
     p.set_defaults(fn=_cmd_bench_padding)
+    p = bench.add_parser("scoring", help="poft-ds's scorer against pad-to-max-length float32 logits")
+    p.add_argument("--out", help="write the JSON result here")
+    p.add_argument("--full", action="store_true", help="the issue's sizes (cap 4096, 1B-shaped model; a GPU)")
+    p.add_argument("--samples", dest="n_samples", type=int, help="synthetic samples (default 48)")
+    p.add_argument("--median-tokens", type=int, help="median sample length (default 200, --full 800)")
+    p.add_argument("--max-length", type=int, help="length cap and baseline padding width (default 1024)")
+    p.add_argument("--vocab-size", type=int, help="model vocabulary (default 32000, --full 128256)")
+    for flag, default in (("--hidden-size", 128), ("--intermediate-size", 512), ("--layers", 2), ("--heads", 4)):
+        p.add_argument(flag, type=int, help=f"model shape (default {default})")
+    p.add_argument("--kv-heads", type=int, help="model shape (default: --heads)")
+    p.add_argument("--max-tokens", type=int, help="poft-ds packed-batch token budget (default 4096)")
+    p.add_argument("--batch-size", dest="baseline_batch_size", type=int, help="baseline samples per pass (4)")
+    p.add_argument("--chunk-tokens", type=int, help="poft-ds output-head chunk (default 2048)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", help="float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    p.set_defaults(fn=_cmd_bench_scoring)
+    p = bench.add_parser("data", help="tokenized cache: size on disk, memory per rank, tokenization rate")
+    p.add_argument("--out", help="write the JSON result here")
+    p.add_argument("--rows", type=int, default=200_000, help="synthetic conversations (median 800 tokens)")
+    p.add_argument("--procs", type=int, help="tokenizing processes (default POFT_DS_TOKENIZE_PROCS or CPUs, max 8)")
+    p.add_argument("--rate-rows", type=int, default=2000, help="rows tokenized with 1 and N processes for the rate")
+    p.add_argument("--work", help="folder for the data, tokenizer and cache, kept (default: temporary)")
+    p.set_defaults(fn=_cmd_bench_data)
+    p = bench.add_parser("job", help="a job spec as SFT, PoFT online and PoFT from the score store: PoFT's cost")
+    p.add_argument("spec", help="a PoFT job spec (YAML); `poft-ds bench job.yaml` is short for this")
+    p.add_argument("--out", help="JSON result; its folder holds the runs (default <run_dir>/bench/bench.json)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (overrides training.max_steps)")
+    p.add_argument("--warmup-steps", type=int, default=2, help="leading steps left out of throughput figures")
+    p.add_argument("--peak-tflops", type=float, help="one accelerator's peak TFLOP/s for MFU (default: known GPUs)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of the three runs; medians (for noisy machines)")
+    p.set_defaults(fn=_cmd_bench_job)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    spec_first = len(argv) > 1 and (argv[1].endswith((".yaml", ".yml")) or os.path.isfile(argv[1]))
+    if argv[:1] == ["bench"] and spec_first and argv[1] not in bench.choices:
+        argv.insert(1, "job")  # `poft-ds bench job.yaml`: a spec, not a benchmark's name
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -367,3 +367,19 @@ def shutdown(worlds: Worlds) -> None:
         "timeouts.step_s + 2 x timeouts.checkpoint_s",
     )
     dist.destroy_process_group()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The most memory this rank has held: device memory on a GPU, resident host memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def process_start_time() -> float:
+    """When this process started (seconds since the epoch), for time-to-first-step."""
+    import psutil
+
+    return psutil.Process().create_time()

@@ -110,6 +110,9 @@ def trainer_config(spec: JobSpec, precision: str) -> dict[str, Any]:
     _set(cfg, "train_micro_batch_size_per_gpu", t.micro_batch_size, src, "training.micro_batch_size")
     _set(cfg, "gradient_accumulation_steps", spec.grad_accum_steps, src, "training.gradient_accumulation_steps")
     _set(cfg, "gradient_clipping", t.max_grad_norm, src, "training.max_grad_norm")
+    # The trainer loop owns the accumulation boundary: a packed step has as many passes as its
+    # samples need, so it calls `engine.step()` once per optimizer step, after every backward.
+    _set(cfg, "managed_gradient_accumulation", False, src, "poft-ds's trainer loop (it calls step() once per step)")
     _set(cfg, "bf16.enabled", precision == "bf16", src, "training.precision")
     _check_optimizer(cfg, _zero3(cfg, src), src)
     return cfg

@@ -41,7 +41,7 @@ def _launch_dir(spec: JobSpec) -> Path:
 
 def render_hostfile(spec: JobSpec) -> str:
     """A DeepSpeed hostfile: one line per node with its process slots."""
-    return "".join(f"{h} slots={spec.topology.procs_per_node}\n" for h in spec.launcher.deepspeed.hosts)
+    return "".join(f"{h} slots={spec.launched_procs_per_node}\n" for h in spec.launcher.deepspeed.hosts)
 
 
 def render_sbatch(spec: JobSpec, spec_path: Path, command: str = "train", extra: tuple[str, ...] = ()) -> str:
@@ -53,7 +53,7 @@ def render_sbatch(spec: JobSpec, spec_path: Path, command: str = "train", extra:
     return template.render(
         job_name=s.job_name or Path(spec.run_dir).name,
         nodes=spec.topology.nodes,
-        procs_per_node=spec.topology.procs_per_node,
+        procs_per_node=spec.launched_procs_per_node,
         log_dir=str(Path(spec.run_dir) / "slurm"),
         partition=s.partition,
         account=s.account,
@@ -92,7 +92,7 @@ def plan_launch(
                 sys.executable,
                 "-m",
                 "torch.distributed.run",
-                f"--nproc-per-node={topo.procs_per_node}",
+                f"--nproc-per-node={spec.launched_procs_per_node}",
                 f"--master-addr={lau.master_addr or '127.0.0.1'}",
                 f"--master-port={lau.master_port}",
                 *_entry(spec_path, command, extra),
@@ -105,7 +105,7 @@ def plan_launch(
             # One node: the launcher starts the processes itself, with no hostfile and no ssh.
             where = [
                 "--num_nodes=1",
-                f"--num_gpus={topo.procs_per_node}",
+                f"--num_gpus={spec.launched_procs_per_node}",
                 f"--master_addr={lau.master_addr or '127.0.0.1'}",
             ]
         else:

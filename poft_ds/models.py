@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch.nn as nn
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
-from poft_ds.distributed import Worlds
+from poft_ds.distributed import Worlds, peak_memory_bytes, process_start_time
 from poft_ds.files import atomic_write
 from poft_ds.scoring import ResponseScorer, check_head
 from poft_ds.spec import ModelSpec
@@ -37,6 +38,7 @@ def load_scorer(model: ModelSpec, ds_config: dict[str, Any], precision: str) -> 
         dtype=DTYPES[precision],
         trust_remote_code=model.trust_remote_code,
         use_safetensors=None,
+        **({"attn_implementation": model.attn_implementation} if model.attn_implementation else {}),
     )
     return ResponseScorer(lm, model.head_chunk_tokens)
 
@@ -105,3 +107,29 @@ def write_rank_record(
         "optimizer": optimizer,
     } | shard_record(module)
     atomic_write(Path(run_dir) / "ranks" / f"rank{ident.global_rank}.json", json.dumps(record, indent=1).encode())
+
+
+def write_rank_summary(run_dir: str, worlds: Worlds, tokens: int, processed_tokens: int, busy_s: float) -> None:
+    """Write `ranks/summary_rank<N>.json` when this rank is done: its work and its peak memory.
+
+    Args:
+        run_dir: The job's run directory.
+        worlds: This rank's worlds.
+        tokens: Real tokens this rank ran forward passes over.
+        processed_tokens: Tokens including padding and empty passes.
+        busy_s: Seconds spent in forward (and backward) passes.
+    """
+    device = worlds.device
+    record = {
+        "role": worlds.role.name,
+        "tokens": tokens,
+        "processed_tokens": processed_tokens,
+        "padding_efficiency": tokens / processed_tokens if processed_tokens else None,
+        "busy_s": busy_s,
+        "tokens_per_busy_s": tokens / busy_s if busy_s else None,
+        "wall_s": time.time() - process_start_time(),
+        "peak_rss_bytes": peak_memory_bytes(torch.device("cpu")),
+        "peak_device_bytes": peak_memory_bytes(device) if device.type == "cuda" else None,
+    }
+    path = Path(run_dir) / "ranks" / f"summary_rank{worlds.identity.global_rank}.json"
+    atomic_write(path, json.dumps(record, indent=1).encode())

@@ -20,12 +20,13 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from poft_ds.data.batch import collate, pad_token_id
+from poft_ds.data.batch import collate, empty_like, pack, pad_token_id
+from poft_ds.data.chat import TokenizedSample
 from poft_ds.data.prepare import PreparedData
-from poft_ds.data.schedule import first_trainer_of, length_grouped_batches, reference_positions, shared_positions
+from poft_ds.data.schedule import length_grouped_batches, pack_positions, reference_positions, shared_positions
 from poft_ds.distributed import Worlds, local_stop_requested, wait_send
 from poft_ds.ds_config import reference_config, resolve_precision
-from poft_ds.models import inference_engine, load_scorer, verify_head, write_rank_record
+from poft_ds.models import inference_engine, load_scorer, verify_head, write_rank_record, write_rank_summary
 from poft_ds.score_store import ScoreStore, model_fingerprint, scorer_id
 from poft_ds.spec import JobSpec
 
@@ -61,11 +62,13 @@ class GroupScorer:
         verify_head(self.engine, worlds, precision, self.model.name)
         write_rank_record(spec.run_dir, worlds, self.model.path, self.engine.module)
         self.pad = pad_token_id(tokenizer)
-        self.dummy = collate([data.samples[data.schedule.usable[0]]], self.pad)
-        self.dummy.response_mask.zero_()
+        first = data.samples[data.schedule.usable[0]]
+        # What a rank with no work left runs, so ZeRO-3's collective gathers stay in step.
+        self.empty = empty_like(pack([TokenizedSample(first.input_ids[:2], [False, False])]))
         self.unsaved: dict[str, tuple[float, int]] = {}
         self.forward_passes = self.scored = 0
         self.busy = 0.0
+        self.tokens = self.processed_tokens = 0
 
     def score(self, rows: list[int]) -> tuple[dict[int, float], int]:
         """Scores of data rows (store hits, then forward passes for the rest).
@@ -80,9 +83,13 @@ class GroupScorer:
         keys = self.data.keys
         out = {r: self.known[keys[r]][0] for r in rows if keys[r] in self.known}
         todo = [r for r in rows if r not in out]
-        batches = length_grouped_batches(
-            todo, lambda r: len(self.data.samples[r].input_ids), self.model.score_batch_size
-        )
+        lengths = self.data.lengths
+        budget = self.model.max_tokens_per_batch
+        if budget is None:
+            batches = length_grouped_batches(todo, lambda r: int(lengths[r]), self.model.score_batch_size)
+        else:  # padding-free: as few packed batches of at most `budget` tokens as fit
+            (bins,) = pack_positions([int(lengths[r]) for r in todo], budget, 1)
+            batches = [[todo[i] for i in b] for b in bins if b]
         passes = torch.tensor([len(batches)], dtype=torch.long)
         if self.worlds.role.size > 1:
             passes = passes.to(self.worlds.device)
@@ -91,9 +98,13 @@ class GroupScorer:
         with torch.no_grad():
             for i in range(int(passes.item())):
                 chunk = batches[i] if i < len(batches) else []
-                batch = collate([self.data.samples[r] for r in chunk], self.pad) if chunk else self.dummy
+                samples = [self.data.samples[r] for r in chunk]
+                batch = (pack(samples) if budget else collate(samples, self.pad)) if chunk else self.empty
+                if chunk:
+                    self.tokens += batch.real_tokens
+                    self.processed_tokens += batch.processed_tokens
                 batch = batch.to(self.worlds.device)
-                logp_sum, n_tokens = self.engine(batch.input_ids, batch.attention_mask, batch.response_mask)
+                logp_sum, n_tokens = self.engine(*batch.inputs())
                 values = (logp_sum / n_tokens).double().cpu().tolist()
                 for r, v, n in zip(chunk, values, n_tokens.cpu().tolist()):
                     out[r] = v
@@ -131,7 +142,6 @@ def serve_scores(
     schedule = data.schedule
     G = schedule.global_batch
     mine = reference_positions(G, role.size, role.rank)
-    counted_by = first_trainer_of(schedule, role.size, role.rank)
     pending: deque[tuple[int, int, torch.Tensor, object]] = deque()
     flushed_on_signal = False
     for step in range(start, schedule.total_steps):
@@ -140,9 +150,10 @@ def serve_scores(
         by_row, passes = scorer.score(sorted({rows[p] for p in mine}))
         counts = [float(passes), float(scorer.scored - before)]
         for trainer in range(spec.trainer_ranks):
-            shared = shared_positions(schedule, trainer, role.size, role.rank)
+            shared = shared_positions(schedule, step, trainer, role.size, role.rank)
             if shared:
-                extra = counts if trainer == counted_by else [0.0, 0.0]
+                # The step's work is reported once, to the first trainer this rank sends to.
+                extra, counts = counts, [0.0, 0.0]
                 t = torch.tensor([by_row[rows[p]] for p in shared] + extra, dtype=torch.float64)
                 # Trainers are global ranks [0, trainer_ranks); keep the buffer alive until sent.
                 pending.append((step, trainer, t, worlds.send(t, trainer)))
@@ -156,6 +167,7 @@ def serve_scores(
     while pending:
         _wait_taken(pending.popleft(), worlds, scorer.model.name, start)
     print(scorer.summary(), flush=True)
+    write_rank_summary(spec.run_dir, worlds, scorer.tokens, scorer.processed_tokens, scorer.busy)
 
 
 def _wait_taken(sent: tuple[int, int, torch.Tensor, object], worlds: Worlds, model: str, start: int) -> None:
@@ -201,3 +213,4 @@ def score_dataset(spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: 
             eta = (len(left) - done) / max(rate, 1e-9)
             print(f"[poft-ds] {role.name}: {done}/{len(left)} new scores, ETA {eta:.0f}s", flush=True)
     print(scorer.summary(), flush=True)
+    write_rank_summary(spec.run_dir, worlds, scorer.tokens, scorer.processed_tokens, scorer.busy)

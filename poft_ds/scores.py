@@ -12,6 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -20,19 +21,23 @@ from poft_ds.data.chat import load_tokenizer
 from poft_ds.data.rows import DataError, Row, load_rows
 from poft_ds.loss import aggregate_reference_scores
 from poft_ds.score_store import ScoreStore, model_fingerprint, sample_key, scorer_id
-from poft_ds.spec import JobSpec
+from poft_ds.spec import JobSpec, SpecError
 
 
-def stored_scores(spec: JobSpec, rows: list[Row] | None = None) -> tuple[list[Row], dict[str, list[float | None]]]:
+def stored_scores(
+    spec: JobSpec, rows: list[Row] | None = None, precisions: list[str] | None = None
+) -> tuple[list[Row], dict[str, list[float | None]]]:
     """Every row of the job's data, and each aligned model's stored score of it (None if absent).
 
     The precision a score was computed in is part of its identity; with `training.precision: auto`
-    the bf16 (GPU) scores are preferred and fp32 (CPU) scores used where those are missing.
+    the bf16 (GPU) scores are preferred and fp32 (CPU) scores used where those are missing, unless
+    `precisions` names the one to read.
     """
     rows = rows if rows is not None else load_rows(spec.data.sources, spec.seed)
     keys = [sample_key(r.messages) if r.messages else None for r in rows]
     root = spec.score_store.resolved_dir(spec.run_dir)
-    precisions = ["bf16", "fp32"] if spec.training.precision == "auto" else [spec.training.precision]
+    if precisions is None:
+        precisions = ["bf16", "fp32"] if spec.training.precision == "auto" else [spec.training.precision]
     out: dict[str, list[float | None]] = {}
     for m in spec.aligned_models:
         fp = model_fingerprint(m.path, root / ".fingerprints.json")
@@ -188,3 +193,82 @@ def filter_by_reference_score(
         "dropped": len(usable) - len(kept),
         "dropped_examples": [rows[i].where for i in usable if s_ref[i] < threshold][:10],
     }
+
+
+def launch_precision(spec: JobSpec) -> str:
+    """The precision the ranks will score in, as seen from the launching machine.
+
+    `training.precision: auto` resolves on each rank's device; a launch decides on this machine's,
+    so set the precision explicitly when launching GPU ranks from a machine without a GPU.
+    """
+    if spec.training.precision != "auto":
+        return spec.training.precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def store_coverage(spec: JobSpec) -> tuple[bool, str]:
+    """Whether the score store holds every aligned model's score of every sample the schedule trains.
+
+    The schedule is derived as the ranks derive it: the rows every model (target and aligned) can
+    use, found by tokenizing under each model through the tokenization cache the ranks then read,
+    the score filters and the hold-out, and the steps up to `max_steps` or the last epoch. This
+    runs only when each aligned model has some stored scores (otherwise the answer is no at once).
+
+    Returns:
+        (covered, a one-line account of what is stored and what is missing).
+    """
+    from poft_ds.data.prepare import build_schedule, model_lengths
+
+    precision = launch_precision(spec)
+    rows = load_rows(spec.data.sources, spec.seed, spec.data.reference_score_column)
+    _, per_model = stored_scores(spec, rows, precisions=[precision])
+    empty = [name for name, values in per_model.items() if all(v is None for v in values)]
+    if empty:
+        return False, f"the score store has no {precision} score of {', '.join(empty)}"
+    target = model_lengths(spec, spec.model, rows)
+    ok = target > 0
+    for m in spec.aligned_models:
+        ok &= model_lengths(spec, m, rows) > 0
+    schedule, _, _ = build_schedule(spec, rows, tuple(np.flatnonzero(ok).tolist()), target)
+    if schedule.steps_per_epoch == 0:
+        return False, "no full global batch of usable samples (the ranks will say more)"
+    needed = np.unique(schedule.rows_in_steps(0, schedule.total_steps)).tolist()
+    missing = {name: sum(1 for i in needed if values[i] is None) for name, values in per_model.items()}
+    if any(missing.values()):
+        lacking = ", ".join(f"{k}: {v}" for k, v in missing.items() if v)
+        return False, f"the score store lacks {precision} scores of the {len(needed)} scheduled samples ({lacking})"
+    return True, f"the score store holds every {precision} score of the {len(needed)} scheduled samples"
+
+
+def reference_plan(spec: JobSpec) -> tuple[JobSpec, str | None]:
+    """The job as it will launch: with reference ranks, or store-only when every score is stored.
+
+    Returns:
+        (the spec to launch, with `reference.mode: store` when no reference rank is needed; a line
+        saying which and why, or None when the job has no aligned models to decide for).
+
+    Raises:
+        SpecError: with `reference.mode: store` when the store lacks a score.
+    """
+    if spec.objective.kind != "poft" or not spec.aligned_models or spec.data.reference_score_column:
+        return spec, None
+    if spec.reference.mode == "online":
+        return spec, "reference.mode: online: reference ranks score while the trainers train"
+    covered, why = store_coverage(spec)
+    if spec.reference.mode == "store" and not covered:
+        raise SpecError(f"reference.mode: store, but {why}; run `poft-ds score` first or use mode auto")
+    if not covered:
+        return spec, f"reference ranks start: {why} (reference.mode: auto)"
+    launch = spec.model_copy(update={"reference": spec.reference.model_copy(update={"mode": "store"})})
+    launch._templated = spec._templated
+    return launch, (
+        f"no reference ranks start: {why}; {launch.world_size} trainer processes train from it "
+        f"(reference.mode: {spec.reference.mode})"
+    )
+
+
+def store_score_table(spec: JobSpec, rows: list[Row], precision: str) -> np.ndarray:
+    """[rows, aligned models] stored scores in `precision`, NaN where absent (store-only trainers)."""
+    _, per_model = stored_scores(spec, rows, precisions=[precision])
+    table = np.array([[np.nan if v is None else v for v in values] for values in per_model.values()])
+    return table.T.reshape(len(rows), len(per_model))

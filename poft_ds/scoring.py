@@ -92,36 +92,53 @@ class ResponseScorer(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
         response_mask: torch.Tensor,
+        sample_index: torch.Tensor,
+        n_samples: int,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         full_forward: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score a right-padded batch.
+        """Score a batch, padded or packed (`poft_ds.data.batch`).
 
         Args:
-            input_ids: [batch, seq] token ids.
-            attention_mask: [batch, seq], 1 for real tokens.
-            response_mask: [batch, seq] bool, True where the token is a response token to score.
+            input_ids: [rows, seq] token ids.
+            response_mask: [rows, seq] bool, True where the token is a response token to score.
+            sample_index: [rows, seq] the sample each token belongs to.
+            n_samples: Samples in the batch.
+            attention_mask: [rows, seq], 1 for real tokens (padded rows), or None (packed rows:
+                the model confines attention to each sample by its restarting `position_ids`).
+            position_ids: [rows, seq] positions restarting at each packed sample, or None.
             full_forward: Force (True) or forbid (False) the model's own forward; None: as
                 `check_head` decided.
 
         Returns:
-            (logp_sum, n_tokens): [batch] float32 sums of response-token log-probabilities and
-            [batch] counts of response tokens.
+            (logp_sum, n_tokens): [n_samples] float32 sums of response-token log-probabilities and
+            [n_samples] counts of response tokens.
         """
         # Position t's hidden state predicts token t + 1.
         predict = response_mask[:, 1:]
         targets = input_ids[:, 1:][predict]
-        sample_of = torch.nonzero(predict, as_tuple=True)[0]
+        owner = sample_index[:, 1:][predict]
+        # No KV cache: transformers confines attention to each packed sample (from the restarting
+        # position ids) only when there is neither an attention mask nor a cache.
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "use_cache": False,
+        }
         if self.full_forward if full_forward is None else full_forward:
-            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][predict]
+            logits = self.lm(**inputs).logits[:, :-1][predict]
             token_logps = logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         else:
-            hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = self.lm.get_decoder()(**inputs).last_hidden_state
             token_logps = self.head_logps(hidden[:, :-1][predict], targets)
-        logp_sum = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-        logp_sum = logp_sum.index_add(0, sample_of, token_logps)
-        return logp_sum, predict.sum(dim=1)
+        logp_sum = torch.zeros(n_samples, dtype=torch.float32, device=input_ids.device).index_add(0, owner, token_logps)
+        n_tokens = torch.zeros(n_samples, dtype=torch.long, device=input_ids.device).index_add(
+            0, owner, torch.ones_like(owner)
+        )
+        return logp_sum, n_tokens
 
 
 def check_head(scorer: nn.Module, device: torch.device, atol: float) -> str | None:
@@ -146,11 +163,11 @@ def check_head(scorer: nn.Module, device: torch.device, atol: float) -> str | No
     vocab = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 keeps the full shape in ds_shape
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(vocab, (2, 24), generator=g).to(device)
-    attn = torch.ones_like(ids)
     resp = torch.ones_like(ids, dtype=torch.bool)
+    index = torch.arange(2, device=device).unsqueeze(1).expand(-1, 24)
     with torch.no_grad():
-        direct = scorer(ids, attn, resp, False)
-        full = scorer(ids, attn, resp, True)
+        direct = scorer(ids, resp, index, 2, torch.ones_like(ids), None, False)
+        full = scorer(ids, resp, index, 2, torch.ones_like(ids), None, True)
     diff = ((direct[0] - full[0]) / direct[1]).abs().max().item()
     if diff <= atol:
         return None

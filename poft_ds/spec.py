@@ -60,6 +60,12 @@ class ModelSpec(_Strict):
         ge=1,
         description="Response positions per output-head chunk: bounds float32 logits at chunk x vocabulary.",
     )
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] | None = Field(
+        None,
+        description="Attention kernel (transformers' attn_implementation); None: transformers' default. "
+        "Packed batches need one that honours packed position_ids: flash_attention_2 (varlen) on GPUs, "
+        "sdpa or eager (a block-diagonal mask) anywhere.",
+    )
 
 
 class AlignedModelSpec(ModelSpec):
@@ -68,6 +74,12 @@ class AlignedModelSpec(ModelSpec):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Short name used in metrics and logs.")
     ranks: int = Field(1, ge=1, description="Reference ranks serving this model (ZeRO-3 shards it over them).")
     score_batch_size: int = Field(8, ge=1, description="Samples per scoring forward pass on one rank.")
+    max_tokens_per_batch: int | None = Field(
+        None,
+        ge=2,
+        description="Pack scoring batches padding-free to this many tokens (replaces score_batch_size); "
+        "at least this model's max_length.",
+    )
     allow_cross_node: bool = Field(False, description="Let this model's rank group span nodes.")
 
 
@@ -145,13 +157,21 @@ class TrainingSpec(_Strict):
     adam_eps: float = Field(1e-8, gt=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
     micro_batch_size: int = Field(1, ge=1, description="Samples per forward pass on one trainer rank.")
+    max_tokens_per_micro_batch: int | None = Field(
+        None,
+        ge=2,
+        description="Pack micro-batches padding-free to this many tokens by bin-packing each global batch "
+        "(replaces micro_batch_size; every trainer runs as many passes); at least model.max_length.",
+    )
     global_batch_size: int = Field(8, ge=1, description="Samples per optimizer step over all trainer ranks.")
     gradient_accumulation_steps: int | None = Field(
         None, ge=1, description="Derived from the batch sizes; when set it must agree with them."
     )
     gradient_checkpointing: bool = False
     on_nonfinite: Literal["stop", "skip"] = Field(
-        "stop", description="A non-finite loss: stop before the update, or skip that micro-batch and count it."
+        "stop",
+        description="A non-finite loss: stop before the update, or leave it out of the step (the whole step "
+        "when it made the gradients non-finite) and count it.",
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="`auto`: bf16 on GPUs that support it, fp32 otherwise (CPU)."
@@ -181,6 +201,12 @@ class ReferenceSpec(_Strict):
     """How reference ranks feed scores to the trainers."""
 
     prefetch_steps: int = Field(2, ge=1, description="Optimizer steps reference ranks may score ahead.")
+    mode: Literal["auto", "online", "store"] = Field(
+        "auto",
+        description="online: reference ranks score while the trainers train; store: no reference ranks, "
+        "every score comes from the score store (the launch refuses when one is missing); auto: store when "
+        "`poft-ds launch` finds every score of the schedule in the store, else online.",
+    )
 
 
 class TimeoutsSpec(_Strict):
@@ -327,16 +353,31 @@ class JobSpec(_Strict):
         return data
 
     @property
-    def world_size(self) -> int:
-        return self.topology.nodes * self.topology.procs_per_node
+    def store_only(self) -> bool:
+        """Whether the job starts no reference ranks: every score comes from the score store."""
+        return self.objective.kind == "poft" and self.reference.mode == "store" and bool(self.aligned_models)
 
     @property
-    def reference_ranks(self) -> int:
+    def world_size(self) -> int:
+        """Processes the launch starts (the topology's, less the reference ranks a store-only job drops)."""
+        return self.topology.nodes * self.topology.procs_per_node - (self.topology_reference_ranks * self.store_only)
+
+    @property
+    def launched_procs_per_node(self) -> int:
+        return self.world_size // self.topology.nodes
+
+    @property
+    def topology_reference_ranks(self) -> int:
         return sum(m.ranks for m in self.aligned_models) if self.objective.kind == "poft" else 0
 
     @property
+    def reference_ranks(self) -> int:
+        return 0 if self.store_only else self.topology_reference_ranks
+
+    @property
     def trainer_ranks(self) -> int:
-        return self.world_size - self.reference_ranks
+        """Trainer ranks: the topology's processes less the aligned models' ranks (store-only jobs too)."""
+        return self.topology.nodes * self.topology.procs_per_node - self.topology_reference_ranks
 
     @property
     def grad_accum_steps(self) -> int:
@@ -414,6 +455,11 @@ def _cross_field_problems(spec: JobSpec, bad: set[str]) -> list[str]:
                     f"training.gradient_accumulation_steps: {t.gradient_accumulation_steps} disagrees with "
                     f"global_batch_size / (micro_batch_size x trainer ranks) = {t.global_batch_size // per_pass}"
                 )
+            if t.max_tokens_per_micro_batch is not None and t.micro_batch_size != 1:
+                problems.append(
+                    "training.micro_batch_size: packed micro-batches (max_tokens_per_micro_batch) hold as many "
+                    "samples as fit; leave micro_batch_size at 1"
+                )
         per_node = spec.topology.procs_per_node
         if spec.objective.kind == "poft":
             first = spec.trainer_ranks
@@ -436,6 +482,33 @@ def _cross_field_problems(spec: JobSpec, bad: set[str]) -> list[str]:
             problems.append(
                 "launcher.kind: 'local' runs on one machine; use deepspeed, slurm or mpi for topology.nodes > 1"
             )
+    if have("topology", "aligned_models", "objective", "reference") and spec.store_only:
+        if spec.world_size % spec.topology.nodes:
+            problems.append(
+                f"reference.mode: a store-only job runs its {spec.world_size} trainer ranks alone, which do not "
+                f"divide over topology.nodes={spec.topology.nodes}"
+            )
+        if spec.data.reference_score_column:
+            problems.append("reference.mode: 'store' reads the score store; data.reference_score_column replaces it")
+    # A packed batch must hold the longest sample (a longer one would get a batch to itself anyway,
+    # but a budget below max_length means the memory was sized for less than the data needs).
+    if have("training", "model") and spec.model.max_length is not None:
+        budget = spec.training.max_tokens_per_micro_batch
+        if budget is not None and budget < spec.model.max_length:
+            problems.append(
+                f"training.max_tokens_per_micro_batch: {budget} is below model.max_length={spec.model.max_length}"
+            )
+    if have("aligned_models"):
+        for i, m in enumerate(spec.aligned_models):
+            if (
+                m.max_tokens_per_batch is not None
+                and m.max_length is not None
+                and m.max_tokens_per_batch < m.max_length
+            ):
+                problems.append(
+                    f"aligned_models[{i}].max_tokens_per_batch: {m.max_tokens_per_batch} is below its "
+                    f"max_length={m.max_length}"
+                )
     return [f"  {p}" for p in problems]
 
 
@@ -449,7 +522,8 @@ def scoring_spec(spec: JobSpec) -> JobSpec:
     """
     topology = TopologySpec(nodes=1, procs_per_node=sum(m.ranks for m in spec.aligned_models))
     data = spec.data.model_copy(update={"filter_min_score": None, "filter_min_quantile": None})
-    scoring = spec.model_copy(update={"topology": topology, "data": data})
+    reference = spec.reference.model_copy(update={"mode": "online"})
+    scoring = spec.model_copy(update={"topology": topology, "data": data, "reference": reference})
     scoring._templated = spec._templated
     return scoring
 

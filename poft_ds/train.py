@@ -30,13 +30,21 @@ import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from poft_ds.checkpoint import checkpoint_root, export_hf_model, load_checkpoint, save_checkpoint, save_resolved_spec
-from poft_ds.data.batch import collate, pad_token_id
+from poft_ds.data.batch import collate, empty_like, pack, pad_token_id
+from poft_ds.data.chat import TokenizedSample
 from poft_ds.data.prepare import PreparedData
 from poft_ds.data.schedule import shared_positions
-from poft_ds.distributed import PREEMPTED_MARKER, Preempted, Worlds, preemption_requested
+from poft_ds.distributed import (
+    PREEMPTED_MARKER,
+    Preempted,
+    Worlds,
+    peak_memory_bytes,
+    preemption_requested,
+    process_start_time,
+)
 from poft_ds.ds_config import resolve_precision, trainer_config
 from poft_ds.loss import aggregate_reference_scores, poft_loss
-from poft_ds.models import load_scorer, verify_head, write_rank_record
+from poft_ds.models import load_scorer, verify_head, write_rank_record, write_rank_summary
 from poft_ds.spec import JobSpec
 
 
@@ -86,16 +94,19 @@ def receive_reference_scores(
     The first step's scores wait for the reference ranks to load their models (start-up).
 
     Returns:
-        (scores, counts): [samples of this trainer, K] float64 scores in position order, and
+        (scores, counts): [samples of this trainer, K] float64 scores in its micro-batch order, and
         [2] = (reference forward passes, newly scored samples) reported to this trainer.
     """
     schedule = data.schedule
     trainer = worlds.role.rank
-    positions = list(schedule.trainer_positions(trainer))
+    positions = schedule.trainer_positions(trainer, step)
     counts = torch.zeros(2, dtype=torch.float64)
     if spec.data.reference_score_column:
         rows = schedule.global_batch_at(step)
         return torch.tensor([[data.ref_scores[rows[p]]] for p in positions], dtype=torch.float64), counts
+    if data.store_scores is not None:  # store-only: no reference rank runs
+        rows = schedule.global_batch_at(step)
+        return torch.from_numpy(data.store_scores[[rows[p] for p in positions]]), counts
     t = spec.timeouts
     wait = (t.startup_s, "timeouts.startup_s") if first_step else (t.step_s, "timeouts.step_s")
     where = {p: i for i, p in enumerate(positions)}
@@ -103,7 +114,7 @@ def receive_reference_scores(
     first = spec.trainer_ranks
     for k, model in enumerate(spec.aligned_models):
         for j in range(model.ranks):
-            shared = shared_positions(schedule, trainer, model.ranks, j)
+            shared = shared_positions(schedule, step, trainer, model.ranks, j)
             if not shared:
                 continue
             buf = torch.empty(len(shared) + 2, dtype=torch.float64)
@@ -136,9 +147,10 @@ class StepStats:
         "logp",
         "tokens",
         "real_tokens",
+        "processed_tokens",
         "ref_forward_passes",
         "ref_new_scores",
-        "skipped_micro_batches",
+        "nonfinite_micro_batches",
     )
 
     def __init__(self, n_models: int, device: torch.device) -> None:
@@ -157,10 +169,7 @@ class StepStats:
         dist.all_reduce(self.v)
         v = self.v.tolist()
         n = len(self.FIELDS)
-        return dict(zip(self.FIELDS, v[:n])) | {
-            "per_model": v[n : n + self.n_models],
-            "nonfinite": v[n + self.n_models :],
-        }
+        return dict(zip(self.FIELDS, v[:n])) | {"per_model": v[n : n + self.n_models]}
 
 
 def train(
@@ -234,60 +243,65 @@ def _train_steps(
     rank = worlds.role.rank
     schedule = data.schedule
     poft = spec.objective.kind == "poft"
-
-    mb = schedule.micro_batch
-    # DeepSpeed divides each micro-batch's loss by the accumulation steps and averages gradients
-    # over trainers; a micro-batch's share of the global-batch loss is multiplied back by both.
-    share = schedule.grad_accum * schedule.trainers
+    policy = spec.training.on_nonfinite
+    packed = schedule.max_tokens is not None
+    # A rank with fewer samples than the busiest runs empty passes on a two-token batch.
+    first = data.samples[schedule.usable[0]]
+    empty = empty_like(pack([TokenizedSample(first.input_ids[:2], [False, False])]))
     fingerprint = data.fingerprint(spec)
-    response_tokens = [sum(s.response_mask[1:]) if s else 0 for s in data.samples]  # scored positions
+    response_tokens = data.samples.scored_tokens()  # per row, read from the Arrow column
+    mine = {"tokens": 0, "processed_tokens": 0, "busy_s": 0.0}  # this rank's work, for its summary
     for step in range(start, schedule.total_steps):
         t_start = time.perf_counter()
         rows = schedule.global_batch_at(step)
-        positions = list(schedule.trainer_positions(rank))
-        step_tokens = sum(response_tokens[i] for i in rows)  # SFT's denominator: the whole global batch
+        micro_batches = schedule.micro_batches(step, rank)
+        step_tokens = int(response_tokens[rows].sum())  # SFT's denominator: the whole global batch
         stats = StepStats(len(names), worlds.device)
         if poft:
             ref, counts = receive_reference_scores(spec, worlds, data, step, first_step=step == start)
             stats.add(ref_forward_passes=counts[0], ref_new_scores=counts[1])
         waited = time.perf_counter() - t_start
-        for m in range(schedule.grad_accum):
-            idx = [rows[p] for p in positions[m * mb : (m + 1) * mb]]
-            cpu_batch = collate([data.samples[i] for i in idx], pad)
+        done = 0  # samples of this trainer's step already run
+        for positions in micro_batches:
+            idx = [rows[p] for p in positions]
+            samples = [data.samples[i] for i in idx]
+            cpu_batch = (pack(samples) if packed else collate(samples, pad)) if idx else empty
             batch = cpu_batch.to(worlds.device)
-            logp_sum, n_tokens = engine(batch.input_ids, batch.attention_mask, batch.response_mask)
+            logp_sum, n_tokens = engine(*batch.inputs())
             s_target = logp_sum / n_tokens
             if poft:
-                ref_m = ref[m * mb : (m + 1) * mb]
+                ref_m = ref[done : done + len(idx)]
                 s_ref = aggregate_reference_scores(ref_m, spec.objective.aggregation).to(s_target.device)
                 per_sample, weight = poft_loss(s_target, s_ref, spec.objective.beta, spec.objective.gamma)
                 loss = per_sample.sum() / schedule.global_batch  # this micro-batch's part of the mean
             else:
                 # This micro-batch's part of the token-level cross-entropy of the global batch.
                 loss = -logp_sum.sum() / step_tokens
-            if _nonfinite_anywhere(loss, step, m, worlds, spec.training.on_nonfinite):
-                # Skipped: a zero loss keeps ZeRO-3's collectives in step on every trainer and adds
-                # nothing to the gradients (non-finite activations would still poison them, and the
-                # gradient-norm check below then stops the job).
-                engine.backward((torch.nan_to_num(logp_sum) * 0.0).sum())
-                engine.step()
-                stats.add(skipped_micro_batches=1)
-                continue
-            engine.backward(loss * share)
-            engine.step()
+            done += len(idx)
+            # A non-finite loss is left out on the device, without a host synchronisation: it is
+            # counted, and the step's one reduction below decides (stop, or go on without it).
+            # Its graph may still carry 0 x inf = nan into the gradients; DeepSpeed's step then
+            # finds a non-finite gradient norm and discards the whole update.
+            finite = torch.isfinite(loss.detach())
+            # DeepSpeed averages gradients over the trainers; each passes its share of the sum.
+            engine.backward(torch.where(finite, loss, 0.0) * schedule.trainers, scale_wrt_gas=False)
             # Sums stay on the device: no host synchronisation until the step's one all-reduce.
             if poft:
-                stats.add(weight=weight.sum(), s_ref=s_ref.sum())
+                stats.add(weight=(weight * finite).sum(), s_ref=s_ref.sum())
                 stats.add_model_scores(ref_m.to(stats.v.device))
             stats.add(
-                loss=loss.detach(),
+                loss=torch.where(finite, loss.detach(), 0.0),
+                nonfinite_micro_batches=~finite,
                 micro_batches=1,
                 samples=len(idx),
                 s_target=s_target.detach().sum(),
                 logp=logp_sum.detach().sum(),
                 tokens=n_tokens.sum(),
-                real_tokens=cpu_batch.real_tokens,
+                real_tokens=cpu_batch.real_tokens if idx else 0,
+                processed_tokens=cpu_batch.processed_tokens,
             )
+            mine["tokens"] += cpu_batch.real_tokens if idx else 0
+            mine["processed_tokens"] += cpu_batch.processed_tokens
             if dump is not None:
                 for j, i in enumerate(idx):
                     rec = {"step": step + 1, "row": i, "where": data.where[i], "s_target": float(s_target[j])}
@@ -295,31 +309,50 @@ def _train_steps(
                         rec["scores"] = dict(zip(names, ref_m[j].tolist()))
                     dump.write(json.dumps(rec) + "\n")
         s = stats.reduced()
+        nonfinite = int(s["nonfinite_micro_batches"])
+        if nonfinite and policy == "stop":
+            raise FloatingPointError(
+                f"step {step + 1}: non-finite loss in {nonfinite} micro-batch(es) over the trainer ranks; "
+                "stopped before the update (weights and checkpoints are untouched; training.on_nonfinite: skip "
+                "leaves such micro-batches out instead)"
+            )
+        engine.step()  # one boundary per optimizer step: clip, AdamW, learning-rate schedule
         grad_norm = float(engine.get_global_grad_norm() or 0.0)
-        if not math.isfinite(grad_norm):
+        step_skipped = not math.isfinite(grad_norm)
+        if step_skipped and not (nonfinite and policy == "skip"):
             raise FloatingPointError(
                 f"step {step + 1}: the gradient norm is {grad_norm}; stopping before any checkpoint holds "
                 f"non-finite weights (the last good one is in {checkpoint_root(spec)})"
             )
         elapsed = time.perf_counter() - t_start
+        mine["busy_s"] += elapsed - waited
         last = step + 1 == schedule.total_steps
         evals = {}
         if data.eval_rows and ((step + 1) % spec.logging.eval_every_steps == 0 or last):
             evals = evaluate(engine, data, worlds, pad)  # collective: every trainer takes part
         if metrics is not None and ((step + 1) % spec.logging.every_steps == 0 or last or evals):
-            n = s["samples"] or float("nan")  # nan when every micro-batch was skipped
+            n = s["samples"] or float("nan")
             rec = {
                 "step": step + 1,
                 "epoch": schedule.epoch_of(step),
-                "loss": s["loss"] if s["micro_batches"] else float("nan"),
+                "loss": s["loss"] if nonfinite < s["micro_batches"] else float("nan"),
                 "cross_entropy": -s["logp"] / (s["tokens"] or float("nan")),
                 "s_target": s["s_target"] / n,
-                "skipped_micro_batches": int(s["skipped_micro_batches"]),
+                "skipped_micro_batches": nonfinite,
                 "lr": engine.get_lr()[0],
-                "grad_norm": grad_norm,
+                "grad_norm": None if step_skipped else grad_norm,
+                "tokens": int(s["real_tokens"]),
+                "step_time_s": elapsed,
                 "tokens_per_s": s["real_tokens"] / elapsed,
+                "padding_efficiency": s["real_tokens"] / s["processed_tokens"],
+                "micro_batches": int(s["micro_batches"]),
                 "wait_for_scores_s": waited,
+                "peak_memory_bytes": peak_memory_bytes(worlds.device),
             }
+            if step_skipped:
+                rec["step_skipped"] = True
+            if step == start:
+                rec["time_to_first_step_s"] = time.time() - process_start_time()
             rec |= evals
             if poft:
                 rec |= {"poft_weight": s["weight"] / n, "s_ref": s["s_ref"] / n}
@@ -339,6 +372,7 @@ def _train_steps(
                 (Path(spec.run_dir) / PREEMPTED_MARKER).write_text(str(step + 1))
                 print(f"[poft-ds] preempted: checkpoint at step {step + 1} written; exiting", flush=True)
             raise Preempted(step + 1)
+    write_rank_summary(spec.run_dir, worlds, **mine)
 
 
 def evaluate(engine: deepspeed.DeepSpeedEngine, data: PreparedData, worlds: Worlds, pad: int) -> dict[str, float]:
@@ -352,48 +386,21 @@ def evaluate(engine: deepspeed.DeepSpeedEngine, data: PreparedData, worlds: Worl
     mb = data.schedule.micro_batch
     per_rank = -(-len(data.eval_rows) // role.size)
     passes = -(-per_rank // mb)
-    sums = torch.zeros(3, dtype=torch.float64)  # logp, tokens, per-sample score
+    sums = torch.zeros(3, dtype=torch.float64, device=worlds.device)  # logp, tokens, per-sample score
     was_training = engine.module.training
     engine.eval()
     with torch.no_grad():
         for i in range(passes):
             chunk = mine[i * mb : (i + 1) * mb]
-            batch = collate([data.samples[r] for r in chunk or data.eval_rows[:1]], pad).to(worlds.device)
-            if not chunk:
-                batch.response_mask.zero_()
-            logp_sum, n_tokens = engine(batch.input_ids, batch.attention_mask, batch.response_mask)
-            if chunk:
-                sums += torch.tensor(
-                    [logp_sum.sum().item(), n_tokens.sum().item(), (logp_sum / n_tokens).sum().item()],
-                    dtype=torch.float64,
-                )
+            batch = collate([data.samples[r] for r in chunk or data.eval_rows[:1]], pad)
+            batch = (batch if chunk else empty_like(batch)).to(worlds.device)
+            logp_sum, n_tokens = engine(*batch.inputs())
+            sums += torch.stack([logp_sum.sum(), n_tokens.sum(), (logp_sum / n_tokens).sum()]).double()
     if was_training:
         engine.train()
-    sums = sums.to(worlds.device)
     dist.all_reduce(sums)
-    return {
-        "eval_cross_entropy": -sums[0].item() / sums[1].item(),
-        "eval_s_target": sums[2].item() / len(data.eval_rows),
-    }
-
-
-def _nonfinite_anywhere(loss: torch.Tensor, step: int, micro: int, worlds: Worlds, policy: str) -> bool:
-    """Whether any trainer's loss is non-finite (collective); under policy `stop`, raise instead.
-
-    This is the one host synchronisation per micro-batch left in the loop: choosing which graph
-    to run backward through must happen before the backward pass (masking a non-finite loss on
-    the device still sends 0 x inf = nan through its graph).
-    """
-    bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
-    dist.all_reduce(bad)
-    n = int(bad.item())
-    if n and policy == "stop":
-        raise FloatingPointError(
-            f"step {step + 1}, micro-batch {micro}: non-finite loss on {n} trainer rank(s); "
-            "stopped before the update (weights and checkpoints are untouched; training.on_nonfinite: skip "
-            "skips such micro-batches instead)"
-        )
-    return bool(n)
+    logp, tokens, score = sums.tolist()
+    return {"eval_cross_entropy": -logp / tokens, "eval_s_target": score / len(data.eval_rows)}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

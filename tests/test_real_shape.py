@@ -151,7 +151,8 @@ def test_poft_step_at_real_shape_equals_plain_pytorch(assets: Path, unequal_data
         model={"path": str(assets / "target"), "max_length": MAX_LENGTH, "head_chunk_tokens": CHUNK},
         aligned_models=[zephyr],
         data={"train_files": [str(unequal_data)]},
-        training=dict(STEP),
+        # Trainers pack their micro-batches padding-free (the long sample shares a row with others).
+        training=dict(STEP, max_tokens_per_micro_batch=MAX_LENGTH),
         topology={"procs_per_node": 4},
         logging={"dump_scores": True},
     )
@@ -216,7 +217,7 @@ def test_a_custom_head_transform_is_detected_and_scored_through_the_full_forward
         for row in load_rows([str(unequal_data)])[:3]:
             s, _ = chat(row.messages)
             ids, mask = torch.tensor([s.input_ids]), torch.tensor([s.response_mask])
-            logp_sum, n = scorer(ids, torch.ones_like(ids), mask)
+            logp_sum, n = scorer(ids, mask, torch.zeros_like(ids), 1, torch.ones_like(ids))
             torch.testing.assert_close(
                 logp_sum / n, plain_scores(model, ids, torch.ones_like(ids), mask), atol=1e-5, rtol=0
             )

@@ -56,17 +56,33 @@ def test_second_epoch_and_reruns_do_no_reference_forward_passes(assets: Path, tm
     # A sweep: another beta and learning rate, same store -> no reference forward pass at all.
     spec2 = dict(spec, run_dir=str(tmp_path / "run2"), objective={"kind": "poft", "beta": 0.5})
     spec2["training"] = dict(spec["training"], learning_rate=5e-4)
+    # The store holds every score of the schedule, so the launch starts no reference rank: the two
+    # trainers alone train, reading the scores from the store (reference.mode: auto).
     proc = _run(spec2, tmp_path, "run2.yaml")
     rerun = read_metrics(tmp_path / "run2")
     assert all(m["ref_forward_passes"] == 0 for m in rerun)
-    assert scored_per_model(proc.stdout) == {"chatml": 0, "zephyr": 0}
+    assert "no reference ranks start: the score store holds every fp32 score of the 96 scheduled samples" in proc.stdout
+    assert scored_per_model(proc.stdout) == {}
+    records = [json.loads(f.read_text()) for f in (tmp_path / "run2" / "ranks").glob("rank*.json")]
+    assert sorted(r["role"] for r in records) == ["trainer", "trainer"]
     for a, b in zip(metrics, rerun):
         assert a["s_ref"] == pytest.approx(b["s_ref"], abs=1e-9)  # the same scores, from the store
 
     # Changing one model's max length invalidates exactly that model's entries.
     spec3 = dict(spec2, run_dir=str(tmp_path / "run3"))
     spec3["aligned_models"] = [dict(spec["aligned_models"][0]), dict(spec["aligned_models"][1], max_length=80)]
+    # Asking for a store-only launch then names what the store lacks, before any rank starts.
+    spec3["reference"] = {"mode": "store"}
+    check = subprocess.run(
+        [sys.executable, "-m", "poft_ds.cli", "validate", str(write_spec(spec3, tmp_path / "run3.yaml"))],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 2
+    assert "reference.mode: store, but the score store has no fp32 score of zephyr" in check.stderr
+    spec3["reference"] = {"mode": "auto"}  # reference ranks start for what is missing
     proc = _run(spec3, tmp_path, "run3.yaml")
+    assert "reference ranks start: the score store has no fp32 score of zephyr" in proc.stdout
     assert scored_per_model(proc.stdout) == {"chatml": 0, "zephyr": 96}
     assert len([d for d in store.iterdir() if d.is_dir()]) == 3
 

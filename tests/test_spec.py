@@ -309,10 +309,14 @@ def test_examples_validate(assets: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HF_TOKEN", "hf_example")  # examples reference ${HF_TOKEN}
     specs = sorted((REPO_ROOT / "examples").rglob("*.yaml"))
     assert specs
+    # Examples point at assets their build_assets.py creates (./assets, or ../../runs/bench-assets/<kind>);
+    # the session's tiny assets stand in for them all.
+    for kind in ("cpu", "gpu"):
+        (tmp_path / "runs" / "bench-assets").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "runs" / "bench-assets" / kind).symlink_to(assets)
     for path in specs:
-        # Examples point at ./assets, which build_assets.py creates; the session's tiny assets stand in.
-        folder = tmp_path / path.parent.name
-        folder.mkdir(exist_ok=True)
+        folder = tmp_path / "examples" / path.parent.name
+        folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "assets").exists():
             (folder / "assets").symlink_to(assets)
         spec = load_spec(shutil.copy(path, folder / path.name))

@@ -5,20 +5,57 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from poft_ds.data.chat import ChatTokenizer, TokenizedSample
-from poft_ds.data.rows import DataError, load_rows
+from poft_ds.data.chat import ChatTokenizer, TokenizedSample, load_tokenizer
+from poft_ds.data.rows import DataError, Row, load_rows
 from poft_ds.data.schedule import Schedule
 from poft_ds.data.tokenize import tokenize_rows
 from poft_ds.distributed import Worlds
-from poft_ds.score_store import sample_key
 from poft_ds.spec import JobSpec, ModelSpec
+
+
+class RowPlaces(Sequence):
+    """Where every row was read ("file:line"), kept as a file index and a line number per row."""
+
+    def __init__(self, rows: Sequence[Row]):
+        index: dict[str, int] = {}
+        self.file = np.fromiter((index.setdefault(r.source, len(index)) for r in rows), np.int32, len(rows))
+        self.line = np.fromiter((r.line for r in rows), np.int64, len(rows))
+        self.files = tuple(index)
+
+    def __len__(self) -> int:
+        return len(self.line)
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]
+        return f"{self.files[self.file[i]]}:{self.line[i]}"
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self)))
+
+
+class OptionalFloats(Sequence):
+    """A float or None per row, kept as one float64 array (NaN for None: scores read are finite)."""
+
+    def __init__(self, values: Iterable[float | None], n: int):
+        self.values = np.fromiter((np.nan if v is None else v for v in values), np.float64, n)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, i: int) -> float | None:  # type: ignore[override]
+        v = float(self.values[i])
+        return None if v != v else v
+
+    def __iter__(self) -> Iterator[float | None]:
+        return (self[i] for i in range(len(self)))
 
 
 @dataclass
@@ -31,15 +68,23 @@ class PreparedData:
         where: "file:line" of every row, for logs and score dumps.
         keys: Content hash of every row (score store key); None for unusable rows.
         ref_scores: Precomputed reference scores from the data (`data.reference_score_column`).
+        lengths: Tokens of every row under this role's model (0 where unusable).
+        target_lengths: Tokens of every row under the target's tokenizer, known on every rank (the
+            trainers' micro-batches are packed by them, and reference ranks must know which
+            trainer takes which sample).
         eval_rows: Held-out rows (`data.eval_fraction`), never trained on.
     """
 
-    samples: list[TokenizedSample | None]
+    samples: Sequence[TokenizedSample | None]
     schedule: Schedule
-    where: list[str]
-    keys: list[str | None]
-    ref_scores: list[float | None]
+    where: Sequence[str]
+    keys: Sequence[str | None]
+    ref_scores: Sequence[float | None]
+    lengths: np.ndarray
+    target_lengths: np.ndarray
     eval_rows: tuple[int, ...] = ()
+    # [rows, aligned models] stored scores when the job runs store-only (`reference.mode: store`).
+    store_scores: np.ndarray | None = None
 
     def fingerprint(self, spec: JobSpec) -> dict[str, Any]:
         """What the sample order depends on; a checkpoint records it and a resume compares it.
@@ -57,6 +102,7 @@ class PreparedData:
             "seed": spec.seed,
             "global_batch_size": t.global_batch_size,
             "micro_batch_size": t.micro_batch_size,
+            "max_tokens_per_micro_batch": t.max_tokens_per_micro_batch,
             "trainer_ranks": spec.trainer_ranks,
             "group_by_length": d.group_by_length,
             "eval_fraction": d.eval_fraction,
@@ -85,12 +131,31 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
     if not rows:
         raise DataError(f"data.train_files: no rows in {spec.data.train_files}")
     chat = ChatTokenizer(tokenizer, model.max_length, model.chat_template, model.truncation)
-    # Ranks of a role compute the same result; the cache file is replaced atomically, so they may race.
+    # One process per node tokenizes while the others wait; all of them memory-map the result.
     samples, report = tokenize_rows(rows, chat, spec.data.resolved_cache_dir(spec.run_dir))
 
-    ok = torch.tensor([s is not None for s in samples], dtype=torch.uint8)
-    worlds.bridge_allreduce_min(ok)
-    usable = tuple(i for i, v in enumerate(ok.tolist()) if v)
+    lengths = samples.lengths()
+    # One reduction over every rank gives both the rows every model can use (minimum of 0/1 flags)
+    # and the target's token lengths (minimum of the trainers' negated lengths).
+    n = len(rows)
+    agreed = torch.zeros(2 * n, dtype=torch.int64)
+    agreed[:n] = torch.from_numpy(lengths > 0)
+    store_scores = None
+    if spec.store_only:
+        # No reference rank runs: the trainers find which rows the aligned models can use (from
+        # the tokenization cache the launch filled) so the usable rows, and the schedule, are
+        # those of an online run; the scores come from the store.
+        from poft_ds.ds_config import resolve_precision
+        from poft_ds.scores import store_score_table
+
+        for m in spec.aligned_models:
+            agreed[:n] *= torch.from_numpy(model_lengths(spec, m, rows) > 0).long()
+        store_scores = store_score_table(spec, rows, resolve_precision(spec, worlds.device))
+    if worlds.role.kind == "trainer":
+        agreed[n:] = -torch.from_numpy(lengths).to(torch.int64)
+    worlds.bridge_allreduce_min(agreed)
+    usable = tuple(np.flatnonzero(agreed[:n].numpy()).tolist())
+    target_lengths = (-agreed[n:]).to(torch.int32).numpy()
 
     role = worlds.role
     bad = len(rows) - len(usable)
@@ -107,8 +172,8 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
                     "usable_by_all_models": len(usable),
                     # Usable samples that lost response tokens to max_length, and how many in all.
                     "truncated_responses": {
-                        "samples": sum(1 for s in samples if s and s.lost_response_tokens),
-                        "tokens": sum(s.lost_response_tokens for s in samples if s),
+                        "samples": int(np.count_nonzero(lost := samples.lost_response_tokens())),
+                        "tokens": int(lost.sum()),
                     },
                 },
                 indent=2,
@@ -123,16 +188,64 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
     if bad and role.rank == 0:
         print(f"[poft-ds] {role.name}: {bad} of {len(rows)} rows unusable, see data_report/", flush=True)
 
+    schedule, eval_rows, kept = build_schedule(spec, rows, usable, target_lengths)
+    if kept is not None and role.rank == 0:
+        (Path(spec.run_dir) / "data_report" / f"filter_{role.name.replace('/', '_')}.json").write_text(
+            json.dumps(kept, indent=2)
+        )
+        print(f"[poft-ds] score filter: kept {kept['kept']} of {kept['usable']} samples", flush=True)
+    t = spec.training
+    if spec.trainer_ranks and schedule.steps_per_epoch == 0:
+        raise DataError(
+            f"training.global_batch_size: {t.global_batch_size} is larger than the {len(schedule.usable)} "
+            "usable samples"
+        )
+    if store_scores is not None:
+        # The launch found every score of the schedule in the store; it must not have changed since.
+        needed = np.unique(schedule.rows_in_steps(0, schedule.total_steps))
+        for k, m in enumerate(spec.aligned_models):
+            lacking = needed[np.isnan(store_scores[needed, k])]
+            if len(lacking):
+                raise DataError(
+                    f"reference.mode: store, but the score store lacks {m.name}'s score of {len(lacking)} scheduled "
+                    f"samples (e.g. {rows[lacking[0]].where}); it changed since the launch checked it"
+                )
+    # Nothing returned refers to `rows`: they are freed when this returns.
+    return PreparedData(
+        samples,
+        schedule,
+        RowPlaces(rows),
+        samples.keys,
+        OptionalFloats((r.ref_score for r in rows), len(rows)),
+        lengths,
+        target_lengths,
+        eval_rows,
+        store_scores,
+    )
+
+
+def model_lengths(spec: JobSpec, model: ModelSpec, rows: list[Row]) -> np.ndarray:
+    """Tokens of every row under a model (0 where it cannot use the row), through the tokenization cache."""
+    chat = ChatTokenizer(load_tokenizer(model), model.max_length, model.chat_template, model.truncation)
+    samples, _ = tokenize_rows(rows, chat, spec.data.resolved_cache_dir(spec.run_dir))
+    return samples.lengths()
+
+
+def build_schedule(
+    spec: JobSpec, rows: list[Row], usable: tuple[int, ...], target_lengths: np.ndarray
+) -> tuple[Schedule, tuple[int, ...], dict[str, Any] | None]:
+    """The schedule of the rows every model can use: score filters, the hold-out, the batch order.
+
+    Every rank derives it alike, and so does `poft-ds launch` when it checks the score store.
+
+    Returns:
+        (schedule, held-out rows, what the score filter kept, or None without a filter).
+    """
+    kept = None
     if spec.data.filter_min_score is not None or spec.data.filter_min_quantile is not None:
         from poft_ds.scores import filter_by_reference_score
 
         usable, kept = filter_by_reference_score(spec, rows, usable)
-        if role.rank == 0:
-            (Path(spec.run_dir) / "data_report" / f"filter_{role.name.replace('/', '_')}.json").write_text(
-                json.dumps(kept, indent=2)
-            )
-            print(f"[poft-ds] score filter: kept {kept['kept']} of {kept['usable']} samples", flush=True)
-
     eval_rows: tuple[int, ...] = ()
     if spec.data.eval_fraction:
         # A seeded hold-out every rank derives alike; it never enters the training schedule.
@@ -141,7 +254,6 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
         picked = set(torch.randperm(len(usable), generator=g)[:n_eval].tolist())
         eval_rows = tuple(u for i, u in enumerate(usable) if i in picked)
         usable = tuple(u for i, u in enumerate(usable) if i not in picked)
-
     t = spec.training
     schedule = Schedule(
         usable=usable,
@@ -151,13 +263,7 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
         trainers=spec.trainer_ranks,
         epochs=t.epochs,
         max_steps=t.max_steps,
-        lengths=tuple(sum(len(m["content"]) for m in r.messages or []) for r in rows)
-        if spec.data.group_by_length
-        else None,
+        lengths=target_lengths if spec.data.group_by_length or t.max_tokens_per_micro_batch else None,
+        max_tokens=t.max_tokens_per_micro_batch,
     )
-    if spec.trainer_ranks and schedule.steps_per_epoch == 0:
-        raise DataError(
-            f"training.global_batch_size: {t.global_batch_size} is larger than the {len(usable)} usable samples"
-        )
-    keys = [sample_key(r.messages) if r.messages else None for r in rows]
-    return PreparedData(samples, schedule, [r.where for r in rows], keys, [r.ref_score for r in rows], eval_rows)
+    return schedule, eval_rows, kept

@@ -1,24 +1,34 @@
 """Which sample goes where: the order every rank derives on its own, so no index is ever sent.
 
 Each epoch is a seeded shuffle of the usable samples, cut into global batches of
-`global_batch_size` (one optimizer step). Inside a global batch, position p belongs to
+`global_batch_size` (one optimizer step). Position p of a global batch is scored by reference
+rank `p % ranks` of each aligned model's group, and trained by one trainer in one of its
+micro-batches:
 
-  * trainer `p // (micro_batch_size * grad_accum)`, micro-batch `(p // micro_batch_size) % grad_accum`;
-  * reference rank `p % ranks` of each aligned model's group.
+  * fixed micro-batches (`micro_batch_size` samples, right-padded): trainer
+    `p // (micro_batch_size * grad_accum)`, micro-batch `(p // micro_batch_size) % grad_accum`;
+    with length grouping, the global batch is first reordered so micro-batches hold similar lengths;
+  * packed micro-batches (`max_tokens_per_micro_batch`): the global batch is bin-packed by the
+    samples' target-token lengths (best-fit decreasing) into as few micro-batches of at most that
+    many tokens as fit, and the micro-batches are dealt to the trainers so that each runs the same
+    number of passes (ZeRO-3 gathers parameters collectively) with similar token counts.
 
-A reference rank sends each trainer the scores of the positions they share, in position order.
-A final, incomplete global batch of an epoch is not trained on; its size is logged.
+A reference rank sends each trainer the scores of the positions they share, in the trainer's
+order. A final, incomplete global batch of an epoch is not trained on; its size is logged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import bisect
+import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Schedule:
     """The job's batch arithmetic.
 
@@ -31,8 +41,10 @@ class Schedule:
         epochs: Passes over the data.
         max_steps: Optimizer steps; when set it overrides `epochs` (as in Hugging Face's
             TrainingArguments), cycling through as many epochs as it needs.
-        lengths: Optional per-row sizes (tokenizer-independent, e.g. characters); when given, each
-            global batch is grouped by length so micro-batches hold similar lengths (less padding).
+        lengths: Per-row target-token lengths. Without `max_tokens`, when given, each global batch
+            is grouped by length so fixed micro-batches hold similar lengths (less padding).
+        max_tokens: Pack micro-batches to this many tokens (needs `lengths`); `micro_batch` is
+            then not used.
     """
 
     usable: tuple[int, ...]
@@ -42,7 +54,15 @@ class Schedule:
     trainers: int
     epochs: int
     max_steps: int | None = None
-    lengths: tuple[int, ...] | None = None
+    lengths: Sequence[int] | None = None
+    max_tokens: int | None = None
+    # The last step's packing plan, kept because every micro-batch of a step asks for it.
+    _plan_step: int = field(default=-1, init=False, repr=False, compare=False)
+    _plan: list = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.lengths is None:
+            raise ValueError("packing micro-batches to max_tokens needs the samples' lengths")
 
     @property
     def grad_accum(self) -> int:
@@ -73,7 +93,7 @@ class Schedule:
             within * self.global_batch : (within + 1) * self.global_batch
         ]
         rows = [self.usable[i] for i in order.tolist()]
-        if self.lengths is None:
+        if self.lengths is None or self.max_tokens is not None:
             return rows
         # Longest first (memory problems show at step 1); micro-batch k of that order goes to
         # trainer k % trainers so every trainer gets a similar token count.
@@ -82,13 +102,87 @@ class Schedule:
         chunks = [rows[k * mb : (k + 1) * mb] for k in range(self.global_batch // mb)]
         return [r for t in range(self.trainers) for m in range(self.grad_accum) for r in chunks[m * self.trainers + t]]
 
+    def micro_batches(self, step: int, trainer: int) -> list[list[int]]:
+        """Positions of each micro-batch `trainer` runs at `step`, in order.
+
+        Every trainer gets the same number of micro-batches at a step; with packing some may be
+        empty (the trainer then runs an empty pass).
+        """
+        if self.max_tokens is None:
+            mb, per = self.micro_batch, self.micro_batch * self.grad_accum
+            return [list(range(trainer * per + m * mb, trainer * per + (m + 1) * mb)) for m in range(self.grad_accum)]
+        if self._plan_step != step:
+            rows = self.global_batch_at(step)
+            object.__setattr__(
+                self, "_plan", pack_positions([int(self.lengths[r]) for r in rows], self.max_tokens, self.trainers)
+            )
+            object.__setattr__(self, "_plan_step", step)
+        return self._plan[trainer]
+
+    def trainer_positions(self, trainer: int, step: int) -> list[int]:
+        """Positions of a global batch that `trainer` consumes at `step`, in micro-batch order."""
+        return [p for m in self.micro_batches(step, trainer) for p in m]
+
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
-    def trainer_positions(self, trainer: int) -> range:
-        """Positions of a global batch that `trainer` consumes, in micro-batch order."""
-        per_trainer = self.micro_batch * self.grad_accum
-        return range(trainer * per_trainer, (trainer + 1) * per_trainer)
+    def rows_in_steps(self, start: int, stop: int) -> np.ndarray:
+        """Row indices of steps [start, stop), in step order (each epoch's shuffle drawn once)."""
+        usable = np.asarray(self.usable, dtype=np.int64)
+        out, spe, g_size = [np.empty(0, dtype=np.int64)], self.steps_per_epoch, self.global_batch
+        for epoch in range(self.epoch_of(start), self.epoch_of(stop - 1) + 1 if stop > start else 0):
+            order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(self.seed + epoch)).numpy()
+            a, b = max(start - epoch * spe, 0), min(stop - epoch * spe, spe)
+            out.append(usable[order[a * g_size : b * g_size]])
+        return np.concatenate(out)
+
+
+def pack_positions(lengths: list[int], max_tokens: int, trainers: int) -> list[list[list[int]]]:
+    """Bin-pack a global batch into micro-batches of at most `max_tokens` tokens, dealt to trainers.
+
+    Best-fit decreasing: each sample, longest first, goes into the fullest micro-batch it still
+    fits in (a sample longer than the budget gets one of its own). The micro-batches, largest
+    first, then go to the trainer with the fewest tokens among those with fewer than
+    ceil(micro-batches / trainers), so every trainer runs as many passes, padded with empty ones.
+    Ties are broken by position, so every rank derives the same plan.
+
+    Args:
+        lengths: Tokens of each position of the global batch.
+        max_tokens: Token budget of one micro-batch.
+        trainers: Trainer ranks.
+
+    Returns:
+        Per trainer, its micro-batches (largest first), each a sorted list of positions.
+    """
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (tokens left, bin), sorted: the fullest bin that fits is found by bisection
+    for p in sorted(range(len(lengths)), key=lambda p: (-lengths[p], p)):
+        k = bisect.bisect_left(room, (lengths[p], -1))
+        if k < len(room):
+            left, b = room.pop(k)
+        else:
+            left, b = max_tokens, len(bins)
+            bins.append([])
+        bins[b].append(p)
+        bisect.insort(room, (left - lengths[p], b))
+    size = [sum(lengths[p] for p in b) for b in bins]
+    passes = -(-len(bins) // trainers)
+    load = [(0, t) for t in range(trainers)]  # (tokens, trainer), a heap
+    plan: list[list[list[int]]] = [[] for _ in range(trainers)]
+    for b in sorted(range(len(bins)), key=lambda b: (-size[b], b)):
+        full = []
+        while True:
+            tokens, t = heapq.heappop(load)
+            if len(plan[t]) < passes:
+                break
+            full.append((tokens, t))
+        plan[t].append(sorted(bins[b]))
+        heapq.heappush(load, (tokens + size[b], t))
+        for item in full:
+            heapq.heappush(load, item)
+    for t in range(trainers):
+        plan[t] += [[] for _ in range(passes - len(plan[t]))]
+    return plan
 
 
 def reference_positions(global_batch: int, ranks: int, rank: int) -> list[int]:
@@ -96,14 +190,9 @@ def reference_positions(global_batch: int, ranks: int, rank: int) -> list[int]:
     return list(range(rank, global_batch, ranks))
 
 
-def shared_positions(schedule: Schedule, trainer: int, ranks: int, rank: int) -> list[int]:
-    """Positions trainer `trainer` needs from reference rank `rank` (of `ranks`), in order."""
-    return [p for p in schedule.trainer_positions(trainer) if p % ranks == rank]
-
-
-def first_trainer_of(schedule: Schedule, ranks: int, rank: int) -> int:
-    """The lowest trainer that reference rank `rank` (of `ranks`) sends scores to."""
-    return next(t for t in range(schedule.trainers) if shared_positions(schedule, t, ranks, rank))
+def shared_positions(schedule: Schedule, step: int, trainer: int, ranks: int, rank: int) -> list[int]:
+    """Positions trainer `trainer` needs from reference rank `rank` (of `ranks`) at `step`, in its order."""
+    return [p for p in schedule.trainer_positions(trainer, step) if p % ranks == rank]
 
 
 def length_grouped_batches(items: list[int], length: Callable[[int], int], batch_size: int) -> list[list[int]]:

@@ -1,8 +1,9 @@
 """Benchmarks, run as `poft-ds bench <name> --out result.json`; they report ratios, not timings.
 
 `padding`: how many of the tokens a scoring or training pass processes are real (not padding),
-on a log-normal length distribution like chat SFT data, for the batching poft-ds uses (length
-grouped) against padding every sample to max_length and against unsorted batches.
+on a log-normal length distribution like chat SFT data, for the batchings poft-ds offers
+(padding-free packing to a token budget; right-padded length-grouped batches) against padding
+every sample to max_length and against unsorted batches.
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ from typing import Any
 
 import torch
 
-from poft_ds.data.schedule import Schedule, length_grouped_batches, reference_positions
+from poft_ds.data.schedule import Schedule, length_grouped_batches, pack_positions, reference_positions
 
 
 def _efficiency(batches: list[list[int]], lengths: list[int], width: int | None = None) -> float:
     real = sum(lengths[i] for b in batches for i in b)
     processed = sum(len(b) * (width or max(lengths[i] for i in b)) for b in batches if b)
     return real / processed
+
+
+def _packed_efficiency(batches: list[list[int]], lengths: list[int]) -> float:
+    """Packed batches process exactly their samples' tokens; an empty pass processes 2 tokens."""
+    real = sum(lengths[i] for b in batches for i in b)
+    return real / max(sum(sum(lengths[i] for i in b) or 2 for b in batches), 1)
 
 
 def padding_efficiency(
@@ -31,6 +38,7 @@ def padding_efficiency(
     score_batch_size: int = 8,
     trainers: int = 8,
     micro_batch: int = 4,
+    max_tokens: int = 8192,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Real tokens / processed tokens for scoring and training batches.
@@ -38,7 +46,8 @@ def padding_efficiency(
     Lengths are drawn log-normally (median `median_tokens`) and clipped to [16, max_length].
     Scoring batches are cut the way reference ranks cut them (`length_grouped_batches` of each
     rank's share of every global batch); training micro-batches come from `Schedule` with and
-    without length grouping.
+    without length grouping, and packed to `max_tokens`, where an empty pass (a trainer with fewer
+    micro-batches than another) processes the 2 tokens poft-ds runs for it.
     """
     g = torch.Generator().manual_seed(seed)
     draws = torch.empty(n_samples, dtype=torch.float64).log_normal_(math.log(median_tokens), sigma, generator=g)
@@ -51,13 +60,19 @@ def padding_efficiency(
         )
 
     plain = schedule(False)
-    grouped_scoring, unsorted_scoring = [], []
+    grouped_scoring, unsorted_scoring, packed_scoring = [], [], []
     for step in range(plain.total_steps):
         rows = plain.global_batch_at(step)
+        step_bins = []
         for r in range(reference_ranks):
             share = [rows[p] for p in reference_positions(global_batch, reference_ranks, r)]
             grouped_scoring += length_grouped_batches(share, lengths.__getitem__, score_batch_size)
             unsorted_scoring += [share[k : k + score_batch_size] for k in range(0, len(share), score_batch_size)]
+            (bins,) = pack_positions([lengths[i] for i in share], max_tokens, 1)
+            step_bins.append([[share[k] for k in b] for b in bins])
+        # The ranks of a group run as many passes as the busiest one; the others run empty ones.
+        passes = max(len(b) for b in step_bins)
+        packed_scoring += [b for bins in step_bins for b in bins] + [[]] * sum(passes - len(b) for b in step_bins)
 
     def micro_batches(s: Schedule) -> list[list[int]]:
         out = []
@@ -65,6 +80,15 @@ def padding_efficiency(
             rows = s.global_batch_at(step)
             out += [rows[k : k + micro_batch] for k in range(0, global_batch, micro_batch)]
         return out
+
+    packed = Schedule(usable, seed, global_batch, 1, trainers, 1, lengths=lengths, max_tokens=max_tokens)
+    real = processed = passes = 0
+    for step in range(packed.total_steps):
+        rows = packed.global_batch_at(step)
+        for t in range(trainers):
+            for m in packed.micro_batches(step, t):
+                tokens = sum(lengths[rows[p]] for p in m)
+                real, processed, passes = real + tokens, processed + (tokens or 2), passes + 1
 
     return {
         "config": {
@@ -77,6 +101,7 @@ def padding_efficiency(
             "score_batch_size": score_batch_size,
             "trainers": trainers,
             "micro_batch": micro_batch,
+            "max_tokens": max_tokens,
             "seed": seed,
         },
         "observed_median_tokens": sorted(lengths)[n_samples // 2],
@@ -84,10 +109,13 @@ def padding_efficiency(
             "pad_to_max_length": _efficiency(unsorted_scoring, lengths, max_length),
             "pad_to_longest_unsorted": _efficiency(unsorted_scoring, lengths),
             "length_grouped": _efficiency(grouped_scoring, lengths),
+            "packed": _packed_efficiency(packed_scoring, lengths),
         },
         "training": {
             "pad_to_max_length": _efficiency(micro_batches(plain), lengths, max_length),
             "pad_to_longest_unsorted": _efficiency(micro_batches(plain), lengths),
             "length_grouped": _efficiency(micro_batches(schedule(True)), lengths),
+            "packed": real / processed,
+            "packed_passes_per_step": passes / (packed.total_steps * trainers),
         },
     }
