@@ -8,6 +8,10 @@ imports this module back.
 
 from __future__ import annotations
 
+import os
+import warnings
+from typing import TextIO
+
 import torch
 
 from poft_ds.checkpoint import agree_on_resume_step, checkpoint_root
@@ -27,6 +31,7 @@ def run_rank(spec: JobSpec, offline_scoring: bool = False) -> None:
     install_preemption_handlers()
     start_orphan_watchdog()
     worlds = init_worlds(spec)
+    _show_each_warning_once(worlds.identity.global_rank)
     torch.manual_seed(spec.seed)
     tokenizer = load_tokenizer(model_of_role(spec, worlds))
     data = prepare_data(spec, worlds, tokenizer)
@@ -44,3 +49,31 @@ def run_rank(spec: JobSpec, offline_scoring: bool = False) -> None:
 
         serve_scores(spec, worlds, data, tokenizer, start)
     shutdown(worlds)
+
+
+def _show_each_warning_once(global_rank: int) -> None:
+    """Let each distinct warning reach the console once per run, from global rank 0.
+
+    Python shows a warning once per code location, but any library that enters
+    `warnings.catch_warnings()` wipes that memory, so torch's deprecation warnings came back at
+    every step from every rank. Each warning (category and text) is now shown at most once per
+    process, by global rank 0 only, except poft-ds's own, which every rank shows.
+    """
+    seen: set[tuple[type[Warning], str]] = set()
+    show = warnings.showwarning
+
+    def once(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        key = (category, str(message))
+        if key not in seen:
+            seen.add(key)
+            if global_rank == 0 or f"{os.sep}poft_ds{os.sep}" in filename:
+                show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = once

@@ -302,9 +302,10 @@ def _train_steps(
             )
             mine["tokens"] += cpu_batch.real_tokens if idx else 0
             mine["processed_tokens"] += cpu_batch.processed_tokens
-            if dump is not None:
+            if dump is not None:  # a debugging aid: it reads the scores on the host
+                values = s_target.detach().tolist()
                 for j, i in enumerate(idx):
-                    rec = {"step": step + 1, "row": i, "where": data.where[i], "s_target": float(s_target[j])}
+                    rec = {"step": step + 1, "row": i, "where": data.where[i], "s_target": values[j]}
                     if poft:
                         rec["scores"] = dict(zip(names, ref_m[j].tolist()))
                     dump.write(json.dumps(rec) + "\n")
