@@ -116,16 +116,20 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0 if report["would_start"] else 1
 
 
+def _print_json(result: dict, out: str | None) -> int:
+    """Print a benchmark's JSON result, and write it to `out` when given."""
+    text = json.dumps(result, indent=2)
+    if out:
+        Path(out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def _cmd_bench_padding(args: argparse.Namespace) -> int:
     from poft_ds.bench.padding import padding_efficiency
 
     result = padding_efficiency(global_batch=args.global_batch, score_batch_size=args.score_batch_size)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
-    return 0
+    return _print_json(result, args.out)
 
 
 def _cmd_bench_scoring(args: argparse.Namespace) -> int:
@@ -137,24 +141,14 @@ def _cmd_bench_scoring(args: argparse.Namespace) -> int:
     options += ("heads", "kv_heads", "max_tokens", "baseline_batch_size", "chunk_tokens", "device", "dtype")
     kwargs.update({k: getattr(args, k) for k in options if getattr(args, k) is not None})
     result = scoring_throughput(**kwargs)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
-    return 0
+    return _print_json(result, args.out)
 
 
 def _cmd_bench_data(args: argparse.Namespace) -> int:
     from poft_ds.bench.data import data_bench
 
     result = data_bench(n_rows=args.rows, procs=args.procs, rate_rows=args.rate_rows, work=args.work)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
-    return 0
+    return _print_json(result, args.out)
 
 
 def _cmd_bench_job(args: argparse.Namespace) -> int:

@@ -87,11 +87,12 @@ def build_engine(spec: JobSpec, worlds: Worlds, precision: str, total_steps: int
 
 
 def receive_reference_scores(
-    spec: JobSpec, worlds: Worlds, data: PreparedData, step: int, first_step: bool
+    spec: JobSpec, worlds: Worlds, data: PreparedData, step: int, rows: list[int], first_step: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This trainer's per-model scores for one step, and the reference ranks' work on it.
 
-    The first step's scores wait for the reference ranks to load their models (start-up).
+    `rows` is the step's global batch (`schedule.global_batch_at(step)`). The first step's scores wait
+    for the reference ranks to load their models (start-up).
 
     Returns:
         (scores, counts): [samples of this trainer, K] float64 scores in its micro-batch order, and
@@ -102,10 +103,8 @@ def receive_reference_scores(
     positions = schedule.trainer_positions(trainer, step)
     counts = torch.zeros(2, dtype=torch.float64)
     if spec.data.reference_score_column:
-        rows = schedule.global_batch_at(step)
         return torch.tensor([[data.ref_scores[rows[p]]] for p in positions], dtype=torch.float64), counts
     if data.store_scores is not None:  # store-only: no reference rank runs
-        rows = schedule.global_batch_at(step)
         return torch.from_numpy(data.store_scores[[rows[p] for p in positions]]), counts
     t = spec.timeouts
     wait = (t.startup_s, "timeouts.startup_s") if first_step else (t.step_s, "timeouts.step_s")
@@ -258,7 +257,7 @@ def _train_steps(
         step_tokens = int(response_tokens[rows].sum())  # SFT's denominator: the whole global batch
         stats = StepStats(len(names), worlds.device)
         if poft:
-            ref, counts = receive_reference_scores(spec, worlds, data, step, first_step=step == start)
+            ref, counts = receive_reference_scores(spec, worlds, data, step, rows, first_step=step == start)
             stats.add(ref_forward_passes=counts[0], ref_new_scores=counts[1])
         waited = time.perf_counter() - t_start
         done = 0  # samples of this trainer's step already run
