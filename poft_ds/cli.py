@@ -4,6 +4,9 @@ poft-ds validate job.yaml        check a spec and print it resolved (or every pr
 poft-ds schema                   the spec's JSON schema, for editors
 poft-ds launch job.yaml          start every rank of a job (--dry-run prints the command)
 poft-ds train job.yaml           what each rank runs (started by a launcher)
+poft-ds status RUN_DIR           is a run running, finished, failed or preempted; step, ETA, stale ranks
+poft-ds plot RUN_DIR             draw a run's figures into RUN_DIR/plots
+poft-ds eval job.yaml --model M  a model's log-probability, perplexity and exact match on held-out data
 """
 
 from __future__ import annotations
@@ -218,6 +221,51 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return run_launch(scoring, plan)
 
 
+# `poft-ds status` exit codes, so scripts can branch on a run's state.
+STATUS_EXIT = {"running": 0, "finished": 0, "preempted": 75, "failed": 1, "unknown": 3}
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from poft_ds.status import format_status, run_status
+
+    if not Path(args.run_dir).is_dir():
+        print(f"poft-ds status: {args.run_dir}: no such run directory", file=sys.stderr)
+        return 2
+    status = run_status(args.run_dir, stale_after_s=args.stale_after)
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return STATUS_EXIT.get(status["state"], 1)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from poft_ds.evaluate import evaluate_model, write_report
+
+    report = evaluate_model(load_spec(args.spec), args.model, args.data)
+    if args.out:
+        write_report(report, args.out)
+    em = report["exact_match"]
+    print(
+        f"[poft-ds] eval {report['model']} on {report['data']}: {report['evaluated']}/{report['rows']} rows, "
+        f"mean log-prob {report['mean_logprob']:.5g}, cross-entropy {report['cross_entropy']:.5g}, "
+        f"perplexity {report['perplexity']:.5g}"
+        + (f", exact match {em:.4g} of {report['checked']} checked" if em is not None else "")
+        + (f"; report: {args.out}" if args.out else "")
+    )
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from poft_ds.plot import plot_run
+
+    try:
+        paths = plot_run(args.run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"poft-ds plot: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `poft-ds` console script."""
     parser = argparse.ArgumentParser(prog="poft-ds", description="PoFT fine-tuning on DeepSpeed.")
@@ -237,6 +285,22 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("launch", "train"):
             p.add_argument("--resume", action="store_true", help="fail unless a checkpoint can be resumed")
     sub.add_parser("schema", help="print the job spec's JSON schema").set_defaults(fn=_cmd_schema)
+    p = sub.add_parser("status", help="a run's state, step, ETA, last metrics and checkpoint, stale ranks")
+    p.add_argument("run_dir", help="the run directory (the spec's run_dir)")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.add_argument(
+        "--stale-after", type=float, help="seconds without a heartbeat before a rank counts as dead (3 beats, >= 30)"
+    )
+    p.set_defaults(fn=_cmd_status)
+    p = sub.add_parser("eval", help="score a model on held-out data; greedy answers checked with eval.answer_field")
+    p.add_argument("spec", help="job spec (YAML): the target's template, eval settings, held-out rows")
+    p.add_argument("--model", required=True, help="a Hugging Face model folder, e.g. RUN_DIR/final_model")
+    p.add_argument("--data", help="a data file (default: the rows data.eval_fraction holds out)")
+    p.add_argument("--out", help="write the JSON report here")
+    p.set_defaults(fn=_cmd_eval)
+    p = sub.add_parser("plot", help="draw a run's figures (PNG) into RUN_DIR/plots")
+    p.add_argument("run_dir", help="the run directory (the spec's run_dir)")
+    p.set_defaults(fn=_cmd_plot)
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("inspect", help="tokenize the data under every model and report what is usable")
     p.add_argument("spec", help="job spec (YAML)")
@@ -292,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="rounds of the three runs; medians (for noisy machines)")
     p.set_defaults(fn=_cmd_bench_job)
     argv = list(sys.argv[1:] if argv is None else argv)
+    # A user's `eval.checker: mychecks:is_correct` imports from the working folder, as `python -m` would
+    # (appended, so nothing there shadows an installed package).
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     spec_first = len(argv) > 1 and (argv[1].endswith((".yaml", ".yml")) or os.path.isfile(argv[1]))
     if argv[:1] == ["bench"] and spec_first and argv[1] not in bench.choices:
         argv.insert(1, "job")  # `poft-ds bench job.yaml`: a spec, not a benchmark's name

@@ -172,9 +172,9 @@ class Worlds:
         """Start sending a CPU tensor to global rank `dst` over the bridge."""
         return self.bridge.send([t], dst, 0)
 
-    def recv(self, t: torch.Tensor, src: int, what: str, timeout_s: float, field: str) -> None:
-        """Receive a CPU tensor from global rank `src`, failing after `timeout_s` with `what`."""
-        _wait(lambda: self.bridge.recv([t], src, 0), self, f"{what} from global rank {src}", timeout_s, field)
+    def irecv(self, t: torch.Tensor, src: int) -> dist.Work:
+        """Post a receive of a CPU tensor from global rank `src`; finish it with `wait_for`."""
+        return self.bridge.recv([t], src, 0)
 
 
 def _wait(work: dist.Work | Callable[[], dist.Work], worlds: Worlds, what: str, timeout_s: float, field: str) -> None:
@@ -198,8 +198,9 @@ def _wait(work: dist.Work | Callable[[], dist.Work], worlds: Worlds, what: str, 
         ) from e
 
 
-def wait_send(work: dist.Work, worlds: Worlds, what: str, timeout_s: float, field: str) -> None:
-    """Wait for a send started with `Worlds.send` to be received, or fail after the timeout."""
+def wait_for(work: dist.Work, worlds: Worlds, what: str, timeout_s: float, field: str) -> None:
+    """Wait for a send (`Worlds.send`) to be received or a receive (`Worlds.irecv`) to arrive, or fail
+    after the timeout naming `what`."""
     _wait(work, worlds, what, timeout_s, field)
 
 
@@ -280,11 +281,6 @@ def init_worlds(spec: JobSpec) -> Worlds:
         _skip_deepspeed_shm_allreduce()
     # DeepSpeed adopts the role world as its own (it is already torch.distributed's default group).
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
-    print(
-        f"[poft-ds] host={socket.gethostname()} global_rank={ident.global_rank}/{ident.world_size} "
-        f"role={role.name} role_rank={role.rank}/{role.size} local_rank={ident.local_rank} device={device}",
-        flush=True,
-    )
     return Worlds(role=role, identity=ident, bridge=bridge, timeouts=spec.timeouts, device=device)
 
 

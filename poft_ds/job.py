@@ -1,6 +1,7 @@
 """The one entry point every rank runs.
 
-`run_rank(spec)` opens the role worlds, prepares the data under this role's model
+`run_rank(spec)` opens the role worlds, sends the rank's output to its log file, keeps its
+heartbeat file fresh (`poft-ds status`), prepares the data under this role's model
 (`poft_ds.data.prepare`), agrees with every other rank on the step to start from, and hands over
 to the trainer recipe (`poft_ds.train`) or the reference loop (`poft_ds.reference`). Nothing
 imports this module back.
@@ -8,17 +9,24 @@ imports this module back.
 
 from __future__ import annotations
 
-import os
-import warnings
-from typing import TextIO
+import socket
 
 import torch
 
 from poft_ds.checkpoint import agree_on_resume_step, checkpoint_root
 from poft_ds.data.chat import load_tokenizer
 from poft_ds.data.prepare import model_of_role, prepare_data
-from poft_ds.distributed import init_worlds, install_preemption_handlers, shutdown, start_orphan_watchdog
+from poft_ds.distributed import (
+    Preempted,
+    init_worlds,
+    install_preemption_handlers,
+    local_stop_requested,
+    shutdown,
+    start_orphan_watchdog,
+)
+from poft_ds.rank_logs import route_rank_output
 from poft_ds.spec import JobSpec
+from poft_ds.status import Heartbeat
 
 
 def run_rank(spec: JobSpec, offline_scoring: bool = False) -> None:
@@ -31,49 +39,47 @@ def run_rank(spec: JobSpec, offline_scoring: bool = False) -> None:
     install_preemption_handlers()
     start_orphan_watchdog()
     worlds = init_worlds(spec)
-    _show_each_warning_once(worlds.identity.global_rank)
-    torch.manual_seed(spec.seed)
-    tokenizer = load_tokenizer(model_of_role(spec, worlds))
-    data = prepare_data(spec, worlds, tokenizer)
-    start = 0 if offline_scoring else agree_on_resume_step(spec, worlds, data)
-    if worlds.role.kind == "trainer":
-        from poft_ds.train import train
+    ident, role = worlds.identity, worlds.role
+    route_rank_output(spec.run_dir, ident.global_rank)
+    print(
+        f"[poft-ds] host={socket.gethostname()} global_rank={ident.global_rank}/{ident.world_size} "
+        f"role={role.name} role_rank={role.rank}/{role.size} local_rank={ident.local_rank} device={worlds.device}",
+        flush=True,
+    )
+    model = spec.aligned_models[role.model_index].name if role.kind == "reference" else None
+    heartbeat = Heartbeat(
+        spec.run_dir, ident.global_rank, ident.world_size, role.kind, role.rank, model, spec.logging.heartbeat_s
+    )
+    heartbeat.start()
+    try:
+        torch.manual_seed(spec.seed)
+        tokenizer = load_tokenizer(model_of_role(spec, worlds))
+        data = prepare_data(spec, worlds, tokenizer)
+        start = 0 if offline_scoring else agree_on_resume_step(spec, worlds, data)
+        heartbeat.update(state="running", step=start, total_steps=data.schedule.total_steps)
+        if role.kind == "trainer":
+            from poft_ds.train import train
 
-        train(spec, worlds, data, tokenizer, checkpoint_root(spec) / f"step_{start:08d}" if start else None)
-    elif offline_scoring:
-        from poft_ds.reference import score_dataset
+            resume_from = checkpoint_root(spec) / f"step_{start:08d}" if start else None
+            train(spec, worlds, data, tokenizer, resume_from, heartbeat)
+        elif offline_scoring:
+            from poft_ds.reference import score_dataset
 
-        score_dataset(spec, worlds, data, tokenizer)
-    else:
-        from poft_ds.reference import serve_scores
+            score_dataset(spec, worlds, data, tokenizer)
+        else:
+            from poft_ds.reference import serve_scores
 
-        serve_scores(spec, worlds, data, tokenizer, start)
-    shutdown(worlds)
-
-
-def _show_each_warning_once(global_rank: int) -> None:
-    """Let each distinct warning reach the console once per run, from global rank 0.
-
-    Python shows a warning once per code location, but any library that enters
-    `warnings.catch_warnings()` wipes that memory, so torch's deprecation warnings came back at
-    every step from every rank. Each warning (category and text) is now shown at most once per
-    process, by global rank 0 only, except poft-ds's own, which every rank shows.
-    """
-    seen: set[tuple[type[Warning], str]] = set()
-    show = warnings.showwarning
-
-    def once(
-        message: Warning | str,
-        category: type[Warning],
-        filename: str,
-        lineno: int,
-        file: TextIO | None = None,
-        line: str | None = None,
-    ) -> None:
-        key = (category, str(message))
-        if key not in seen:
-            seen.add(key)
-            if global_rank == 0 or f"{os.sep}poft_ds{os.sep}" in filename:
-                show(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = once
+            serve_scores(spec, worlds, data, tokenizer, start, heartbeat)
+        shutdown(worlds)
+    except Preempted:
+        heartbeat.stop("preempted")
+        raise
+    except BaseException as e:
+        if local_stop_requested():
+            # Asked to stop (SIGTERM/SIGUSR1): a reference rank whose trainers checkpointed and
+            # left loses its peers; that is the preemption, not a failure.
+            heartbeat.stop("preempted", f"{type(e).__name__}: {e}")
+            raise Preempted(-1) from e
+        heartbeat.stop("failed", f"{type(e).__name__}: {e}")
+        raise
+    heartbeat.stop("finished")

@@ -6,17 +6,21 @@ rank; the ranks find their identity in what the launcher sets (`poft_ds.distribu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
+import psutil
 
 from poft_ds import REPO_ROOT
+from poft_ds.distributed import EXIT_PREEMPTED, PREEMPTED_MARKER
 from poft_ds.spec import JobSpec, SpecError
 
 SBATCH_TEMPLATE = REPO_ROOT / "launch" / "slurm.sbatch.j2"
@@ -154,6 +158,42 @@ def _first_host_in(hostfile: Path) -> str:
     raise SpecError(f"launcher.deepspeed.hostfile: {hostfile} names no host")
 
 
+def _run_forwarding_preemption(command: list[str], env: dict[str, str]) -> int:
+    """Run a launcher; a SIGTERM or SIGUSR1 sent to this process asks the job's ranks to stop.
+
+    `docker stop`, Kubernetes and schedulers signal the main process only. Left alone, SIGTERM
+    would kill this process and orphan the ranks (which then exit without a checkpoint), and
+    torchrun, when signalled itself, kills its ranks 30 s later, mid-checkpoint for a large model.
+    So the signal goes to the ranks as SIGUSR1: they finish the step, checkpoint and exit with
+    code 75, and the launcher then ends by itself.
+    """
+    proc = subprocess.Popen(command, env=env)
+
+    def forward(signum: int, frame: object) -> None:
+        ranks = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if "poft_ds.cli" in " ".join(_cmdline(p)) and p.pid != proc.pid
+        ]
+        for p in ranks or [psutil.Process(proc.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGUSR1)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+
+
 def run_launch(spec: JobSpec, plan: Launch) -> int:
     """Write the plan's files and run its command; for Slurm, print the job id and log location.
 
@@ -169,7 +209,14 @@ def run_launch(spec: JobSpec, plan: Launch) -> int:
     if not Path(tool).is_absolute() and shutil.which(tool, path=env.get("PATH")) is None:
         raise SpecError(f"launcher.kind: {tool!r} is not on PATH")
     if spec.launcher.kind != "slurm":
-        code = subprocess.call(plan.command, env=env)
+        # A marker left by an earlier preempted launch; this launch resumes from its checkpoint.
+        (Path(spec.run_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)
+        code = _run_forwarding_preemption(plan.command, env)
+        if code != 0 and (Path(spec.run_dir) / PREEMPTED_MARKER).is_file():
+            # The trainers checkpointed and stopped on request; torchrun reports any non-zero
+            # rank as its own exit 1, so say what happened with the code a rank would use.
+            print("[poft-ds] the job was preempted after a checkpoint; launch it again to resume", flush=True)
+            return EXIT_PREEMPTED
         if code != 0:
             print(
                 f"[poft-ds] the job failed (exit {code}); {role_map(spec)}. The report above names the "

@@ -109,6 +109,27 @@ def write_rank_record(
     atomic_write(Path(run_dir) / "ranks" / f"rank{ident.global_rank}.json", json.dumps(record, indent=1).encode())
 
 
+def rank_table(run_dir: str, world_size: int) -> str:
+    """The start-up table: every rank's host, global rank, role, device, model and shard.
+
+    Read from the `ranks/rank<N>.json` files; a rank that has not written its file yet shows "-".
+    """
+    header = ("rank", "role", "host", "device", "model", "holds")
+    rows = []
+    for r in range(world_size):
+        f = Path(run_dir) / "ranks" / f"rank{r}.json"
+        if not f.is_file():
+            rows.append((str(r), "-", "-", "-", "-", "-"))
+            continue
+        rec = json.loads(f.read_text())
+        whole = sum(p["persistent"] for p in rec["params"])
+        holds = f"{100 * rec['local_fraction']:.1f}% of {rec['numel']:,} parameters ({whole}/{len(rec['params'])} tensors whole)"
+        role = f"{rec['role']} {rec['role_rank']}/{rec['role_size']}"
+        rows.append((str(r), role, rec["host"], rec["device"], Path(rec["model"]).name, holds))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows])
+
+
 def write_rank_summary(run_dir: str, worlds: Worlds, tokens: int, processed_tokens: int, busy_s: float) -> None:
     """Write `ranks/summary_rank<N>.json` when this rank is done: its work and its peak memory.
 

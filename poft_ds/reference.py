@@ -24,11 +24,12 @@ from poft_ds.data.batch import collate, empty_like, pack, pad_token_id
 from poft_ds.data.chat import TokenizedSample
 from poft_ds.data.prepare import PreparedData
 from poft_ds.data.schedule import length_grouped_batches, pack_positions, reference_positions, shared_positions
-from poft_ds.distributed import Worlds, local_stop_requested, wait_send
+from poft_ds.distributed import Worlds, local_stop_requested, wait_for
 from poft_ds.ds_config import reference_config, resolve_precision
 from poft_ds.models import inference_engine, load_scorer, verify_head, write_rank_record, write_rank_summary
 from poft_ds.score_store import ScoreStore, model_fingerprint, scorer_id
 from poft_ds.spec import JobSpec
+from poft_ds.status import Heartbeat
 
 
 class GroupScorer:
@@ -129,13 +130,18 @@ class GroupScorer:
 
 
 def serve_scores(
-    spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: PreTrainedTokenizerBase, start: int = 0
+    spec: JobSpec,
+    worlds: Worlds,
+    data: PreparedData,
+    tokenizer: PreTrainedTokenizerBase,
+    start: int = 0,
+    heartbeat: Heartbeat | None = None,
 ) -> None:
     """Score every step's samples for this rank's aligned model and send them to the trainers.
 
     Each message to a trainer holds the scores of the positions it consumes, then this rank's
     forward passes and newly scored samples for the step (counted once, in the message to the
-    first trainer this rank serves), which the trainers log.
+    first trainer this rank serves), which the trainers log; see `train.ScoreReceiver`.
     """
     role = worlds.role
     scorer = GroupScorer(spec, worlds, data, tokenizer)
@@ -146,14 +152,21 @@ def serve_scores(
     flushed_on_signal = False
     for step in range(start, schedule.total_steps):
         rows = schedule.global_batch_at(step)
-        before = scorer.scored
+        before = (scorer.scored, scorer.busy, scorer.tokens)
         by_row, passes = scorer.score(sorted({rows[p] for p in mine}))
-        counts = [float(passes), float(scorer.scored - before)]
+        # The step's work, which the trainers log: forward passes, newly scored samples, busy
+        # seconds and real tokens scored.
+        counts = [
+            float(passes),
+            float(scorer.scored - before[0]),
+            scorer.busy - before[1],
+            float(scorer.tokens - before[2]),
+        ]
         for trainer in range(spec.trainer_ranks):
             shared = shared_positions(schedule, step, trainer, role.size, role.rank)
             if shared:
                 # The step's work is reported once, to the first trainer this rank sends to.
-                extra, counts = counts, [0.0, 0.0]
+                extra, counts = counts, [0.0] * len(counts)
                 t = torch.tensor([by_row[rows[p]] for p in shared] + extra, dtype=torch.float64)
                 # Trainers are global ranks [0, trainer_ranks); keep the buffer alive until sent.
                 pending.append((step, trainer, t, worlds.send(t, trainer)))
@@ -163,6 +176,8 @@ def serve_scores(
         if (step + 1) % spec.score_store.flush_every_steps == 0 or (local_stop_requested() and not flushed_on_signal):
             scorer.flush()
             flushed_on_signal = local_stop_requested()
+        if heartbeat is not None:
+            heartbeat.update(step=step + 1)  # steps scored (and sent) so far
     scorer.flush()
     while pending:
         _wait_taken(pending.popleft(), worlds, scorer.model.name, start)
@@ -183,7 +198,7 @@ def _wait_taken(sent: tuple[int, int, torch.Tensor, object], worlds: Worlds, mod
     else:
         timeout, field = t.step_s + t.checkpoint_s, "timeouts.step_s + timeouts.checkpoint_s"
     what = f"trainer rank {trainer} to take {model}'s scores of step {step + 1}"
-    wait_send(work, worlds, what, timeout, field)
+    wait_for(work, worlds, what, timeout, field)
 
 
 def score_dataset(spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: PreTrainedTokenizerBase) -> None:

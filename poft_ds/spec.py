@@ -12,11 +12,21 @@ import json
 import os
 import re
 from collections.abc import Callable
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from poft_ds import REPO_ROOT
 
@@ -264,6 +274,44 @@ class LoggingSpec(_Strict):
         100, ge=1, description="Evaluate on the held-out rows (data.eval_fraction) every N steps and at the end."
     )
     dump_scores: bool = Field(False, description="Write every sample's per-model scores to scores.jsonl.")
+    heartbeat_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="Seconds between a rank's heartbeats (RUN_DIR/heartbeats/); `poft-ds status` calls a rank "
+        "dead after three missed beats (at least 30 s).",
+    )
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list,
+        description=(
+            "Also send the metrics to these trackers, as the Hugging Face Trainer's report_to does; "
+            "RUN_DIR/metrics.jsonl is always written. TensorBoard logs go to RUN_DIR/tensorboard/<run_name>. "
+            "W&B reads its own environment variables: WANDB_PROJECT (default poft-ds), WANDB_ENTITY, WANDB_DIR "
+            "(default RUN_DIR) and WANDB_MODE; with WANDB_MODE unset poft-ds runs W&B offline (no network during "
+            "the run; upload afterwards with `wandb sync RUN_DIR/wandb/offline-run-*`)."
+        ),
+    )
+    run_name: str | None = Field(
+        None,
+        description="W&B run name and TensorBoard subfolder; default: the run directory's name.",
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, report_to: list[str]) -> list[str]:
+        # Checked here, not when rank 0 starts logging, so `poft-ds validate` catches it before a job is queued.
+        missing = [name for name in report_to if find_spec(name) is None]
+        if missing:
+            raise ValueError("; ".join(f"{name!r} needs the {name} package: pip install {name}" for name in missing))
+        return report_to
+
+    @field_validator("run_name")
+    @classmethod
+    def _one_folder_name(cls, run_name: str | None) -> str | None:
+        # The name is also a folder under RUN_DIR/tensorboard: it must not reach outside it.
+        if run_name is not None and (run_name in ("", ".", "..") or "/" in run_name or "\\" in run_name):
+            raise ValueError(f"{run_name!r} is not usable as a folder name (no '/', '\\', '.', '..' or empty name)")
+        return run_name
 
 
 class DeepSpeedLauncherSpec(_Strict):
@@ -315,6 +363,52 @@ class LauncherSpec(_Strict):
     mpi: MpiLauncherSpec = Field(default_factory=MpiLauncherSpec)
 
 
+class EvalSpec(_Strict):
+    """How `poft-ds eval` scores a model on held-out data and checks its greedy answers."""
+
+    answer_field: str | None = Field(
+        None,
+        description="Row field holding the expected answer to the last assistant turn; None: no exact match "
+        "(only log-probability, cross-entropy and perplexity are reported).",
+    )
+    checker: str = Field(
+        "exact",
+        description="How a greedy generation is compared with the answer: `exact` (equal after stripping "
+        "whitespace), `contains` (the answer appears in the generation), or `module.path:function`, a function "
+        "(generation: str, answer: str, row: dict) -> bool.",
+    )
+    max_new_tokens: int = Field(64, ge=1, description="Most tokens generated per answer (greedy decoding).")
+    batch_size: int = Field(8, ge=1, description="Samples per forward pass, for scoring and for generation.")
+
+    @field_validator("checker")
+    @classmethod
+    def _checker_exists(cls, checker: str) -> str:
+        # Imported now, so that a typo fails `poft-ds validate`, not the end of an evaluation.
+        if checker not in ("exact", "contains"):
+            EvalSpec.user_checker(checker)
+        return checker
+
+    @staticmethod
+    def user_checker(checker: str) -> Callable[[str, str, dict[str, Any]], bool]:
+        """The function a `module.path:function` checker names, imported.
+
+        Raises:
+            ValueError: when the name has another form, or the module or function cannot be found.
+        """
+        from importlib import import_module
+
+        module, _, name = checker.partition(":")
+        if not module or not name.isidentifier():
+            raise ValueError(f"{checker!r} is neither 'exact', 'contains' nor 'module.path:function'")
+        try:
+            found = getattr(import_module(module), name, None)
+        except Exception as e:  # the user's module may fail to import in any way; its reason is the message
+            raise ValueError(f"cannot import module {module!r}: {type(e).__name__}: {e}") from None
+        if not callable(found):
+            raise ValueError(f"module {module!r} has no function {name!r}")
+        return found
+
+
 class JobSpec(_Strict):
     """A whole poft-ds job."""
 
@@ -333,6 +427,7 @@ class JobSpec(_Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     launcher: LauncherSpec = Field(default_factory=LauncherSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="`poft-ds eval`: answer checking and batch size.")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables for every rank.")
 
     # Fields whose YAML held ${VAR}: written back in that form, so secrets never reach disk or logs.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -33,7 +34,7 @@ from poft_ds.checkpoint import checkpoint_root, export_hf_model, load_checkpoint
 from poft_ds.data.batch import collate, empty_like, pack, pad_token_id
 from poft_ds.data.chat import TokenizedSample
 from poft_ds.data.prepare import PreparedData
-from poft_ds.data.schedule import shared_positions
+from poft_ds.data.schedule import pack_positions, shared_positions
 from poft_ds.distributed import (
     PREEMPTED_MARKER,
     Preempted,
@@ -41,11 +42,16 @@ from poft_ds.distributed import (
     peak_memory_bytes,
     preemption_requested,
     process_start_time,
+    wait_for,
 )
 from poft_ds.ds_config import resolve_precision, trainer_config
+from poft_ds.files import atomic_write
+from poft_ds.loggers import MetricsLogger
 from poft_ds.loss import aggregate_reference_scores, poft_loss
-from poft_ds.models import load_scorer, verify_head, write_rank_record, write_rank_summary
+from poft_ds.models import load_scorer, rank_table, verify_head, write_rank_record, write_rank_summary
+from poft_ds.rank_logs import Progress
 from poft_ds.spec import JobSpec
+from poft_ds.status import Heartbeat
 
 
 def build_engine(spec: JobSpec, worlds: Worlds, precision: str, total_steps: int) -> deepspeed.DeepSpeedEngine:
@@ -86,54 +92,80 @@ def build_engine(spec: JobSpec, worlds: Worlds, precision: str, total_steps: int
     return engine
 
 
-def receive_reference_scores(
-    spec: JobSpec, worlds: Worlds, data: PreparedData, step: int, rows: list[int], first_step: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """This trainer's per-model scores for one step, and the reference ranks' work on it.
+REPORTED = 4  # a score message ends with the reference rank's work: passes, new scores, busy s, tokens
 
-    `rows` is the step's global batch (`schedule.global_batch_at(step)`). The first step's scores wait
-    for the reference ranks to load their models (start-up).
 
-    Returns:
-        (scores, counts): [samples of this trainer, K] float64 scores in its micro-batch order, and
-        [2] = (reference forward passes, newly scored samples) reported to this trainer.
+class ScoreReceiver:
+    """The aligned models' scores of this trainer's samples, received one step ahead.
+
+    Gloo hands a message over only once the receiver has posted its receive (a round trip with
+    the sender's I/O thread), so a receive posted when a step begins made every step wait for
+    that round trip, waking the sleeping reference process: about 5 ms a step on a 2-core VM,
+    most of PoFT-online's cost over SFT. `take(step)` therefore posts the receives of step + 1
+    before returning step's scores, and they arrive while the trainer computes.
     """
-    schedule = data.schedule
-    trainer = worlds.role.rank
-    positions = schedule.trainer_positions(trainer, step)
-    counts = torch.zeros(2, dtype=torch.float64)
-    if spec.data.reference_score_column:
-        return torch.tensor([[data.ref_scores[rows[p]]] for p in positions], dtype=torch.float64), counts
-    if data.store_scores is not None:  # store-only: no reference rank runs
-        return torch.from_numpy(data.store_scores[[rows[p] for p in positions]]), counts
-    t = spec.timeouts
-    wait = (t.startup_s, "timeouts.startup_s") if first_step else (t.step_s, "timeouts.step_s")
-    where = {p: i for i, p in enumerate(positions)}
-    scores = torch.full((len(positions), len(spec.aligned_models)), float("nan"), dtype=torch.float64)
-    first = spec.trainer_ranks
-    for k, model in enumerate(spec.aligned_models):
-        for j in range(model.ranks):
-            shared = shared_positions(schedule, step, trainer, model.ranks, j)
-            if not shared:
-                continue
-            buf = torch.empty(len(shared) + 2, dtype=torch.float64)
-            worlds.recv(
-                buf,
-                first + j,
-                f"step {step + 1} scores of aligned model '{model.name}' (reference rank {j})",
-                *wait,
-            )
-            scores[[where[p] for p in shared], k] = buf[:-2]
-            counts += buf[-2:]
-        first += model.ranks
-    return scores, counts
+
+    def __init__(self, spec: JobSpec, worlds: Worlds, data: PreparedData, start: int) -> None:
+        self.spec, self.worlds, self.data, self.start = spec, worlds, data, start
+        self.posted: dict[int, list[tuple[int, list[int], torch.Tensor, dist.Work, str]]] = {}
+
+    def _post(self, step: int) -> None:
+        """Post the receives of one step's scores, from every reference rank that shares them."""
+        if step in self.posted or step >= self.data.schedule.total_steps:
+            return
+        trainer = self.worlds.role.rank
+        works = []
+        src = self.spec.trainer_ranks  # reference ranks follow the trainers, model by model
+        for k, model in enumerate(self.spec.aligned_models):
+            for j in range(model.ranks):
+                shared = shared_positions(self.data.schedule, step, trainer, model.ranks, j)
+                if shared:
+                    buf = torch.empty(len(shared) + REPORTED, dtype=torch.float64)
+                    what = f"step {step + 1} scores of aligned model '{model.name}' (reference rank {j}) from global rank {src + j}"
+                    works.append((k, shared, buf, self.worlds.irecv(buf, src + j), what))
+            src += model.ranks
+        self.posted[step] = works
+
+    def take(self, step: int, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This trainer's per-model scores for one step, and the reference ranks' work on it.
+
+        `rows` is the step's global batch (`schedule.global_batch_at(step)`). The first step's
+        scores wait for the reference ranks to load their models (start-up).
+
+        Returns:
+            (scores, counts): [samples of this trainer, K] float64 scores in its micro-batch order,
+            and [REPORTED] = the reference ranks' work on the step reported to this trainer: forward
+            passes, newly scored samples, busy seconds, real tokens scored.
+        """
+        spec, data = self.spec, self.data
+        positions = data.schedule.trainer_positions(self.worlds.role.rank, step)
+        counts = torch.zeros(REPORTED, dtype=torch.float64)
+        if spec.data.reference_score_column:
+            return torch.tensor([[data.ref_scores[rows[p]]] for p in positions], dtype=torch.float64), counts
+        if data.store_scores is not None:  # store-only: no reference rank runs
+            return torch.from_numpy(data.store_scores[[rows[p] for p in positions]]), counts
+        self._post(step)
+        self._post(step + 1)
+        t = spec.timeouts
+        wait = (t.startup_s, "timeouts.startup_s") if step == self.start else (t.step_s, "timeouts.step_s")
+        where = {p: i for i, p in enumerate(positions)}
+        scores = torch.full((len(positions), len(spec.aligned_models)), float("nan"), dtype=torch.float64)
+        for k, shared, buf, work, what in self.posted.pop(step):
+            wait_for(work, self.worlds, what, *wait)
+            scores[[where[p] for p in shared], k] = buf[:-REPORTED]
+            counts += buf[-REPORTED:]
+        return scores, counts
 
 
 class StepStats:
     """Sums over one optimizer step's micro-batches, kept on the device and reduced over trainer
     ranks once per step (no host synchronisation per micro-batch).
 
-    Besides the named fields it holds the K aligned models' score sums.
+    Besides the named fields it holds the K aligned models' score sums, each trainer's peak memory
+    (one slot per trainer, so the sum is the list) and, per position of the global batch, the
+    sample's weight, target score, reference score and whether it was trained on (a trainer
+    writes only its own positions, so the sum is the whole global batch: weight quantiles and the
+    per-sample log need no second collective).
     """
 
     FIELDS = (
@@ -149,26 +181,60 @@ class StepStats:
         "processed_tokens",
         "ref_forward_passes",
         "ref_new_scores",
+        "ref_busy_s",
+        "ref_tokens",
         "nonfinite_micro_batches",
     )
+    PER_SAMPLE = ("weight", "s_target", "s_ref", "trained")
 
-    def __init__(self, n_models: int, device: torch.device) -> None:
-        self.n_models = n_models
-        self.v = torch.zeros(len(self.FIELDS) + n_models, dtype=torch.float64, device=device)
+    def __init__(self, n_models: int, trainers: int, global_batch: int, device: torch.device) -> None:
+        self.n_models, self.trainers, self.global_batch = n_models, trainers, global_batch
+        self.models_at = len(self.FIELDS)
+        self.memory_at = self.models_at + n_models
+        self.samples_at = self.memory_at + trainers
+        size = self.samples_at + len(self.PER_SAMPLE) * global_batch
+        self.v = torch.zeros(size, dtype=torch.float64, device=device)
 
     def add(self, **values: float | torch.Tensor) -> None:
         for k, x in values.items():
             self.v[self.FIELDS.index(k)] += x
 
     def add_model_scores(self, per_model: torch.Tensor) -> None:
-        self.v[len(self.FIELDS) : len(self.FIELDS) + self.n_models] += per_model.sum(dim=0).double()
+        self.v[self.models_at : self.memory_at] += per_model.sum(dim=0).double()
+
+    def set_peak_memory(self, trainer: int, nbytes: int) -> None:
+        self.v[self.memory_at + trainer] = float(nbytes)
+
+    def set_samples(self, positions: list[int], **values: torch.Tensor) -> None:
+        """Per-sample values (`PER_SAMPLE` names) of a micro-batch's positions in the global batch."""
+        index = torch.tensor(positions, dtype=torch.long, device=self.v.device)
+        for k, x in values.items():
+            at = self.samples_at + self.PER_SAMPLE.index(k) * self.global_batch
+            self.v[at : at + self.global_batch].index_copy_(0, index, x.detach().double().to(self.v.device))
 
     def reduced(self) -> dict[str, Any]:
         """The sums over every trainer rank (collective; the step's one host synchronisation)."""
         dist.all_reduce(self.v)
         v = self.v.tolist()
-        n = len(self.FIELDS)
-        return dict(zip(self.FIELDS, v[:n])) | {"per_model": v[n : n + self.n_models]}
+        out = dict(zip(self.FIELDS, v[: self.models_at]))
+        out["per_model"] = v[self.models_at : self.memory_at]
+        out["peak_memory"] = v[self.memory_at : self.samples_at]
+        for i, k in enumerate(self.PER_SAMPLE):
+            at = self.samples_at + i * self.global_batch
+            out[f"sample_{k}"] = v[at : at + self.global_batch]
+        return out
+
+
+def weight_metrics(s: dict[str, Any]) -> dict[str, float]:
+    """Quantiles of the per-sample PoFT weight over a step's trained samples, and the fraction of
+    them the target already scores above the aligned models (s_target > s_ref)."""
+    trained = [i for i, t in enumerate(s["sample_trained"]) if t > 0]
+    if not trained:
+        return {}
+    w = torch.tensor([s["sample_weight"][i] for i in trained], dtype=torch.float64)
+    q = torch.quantile(w, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+    beats = sum(s["sample_s_target"][i] > s["sample_s_ref"][i] for i in trained) / len(trained)
+    return {"poft_weight/p10": q[0], "poft_weight/p50": q[1], "poft_weight/p90": q[2], "target_beats_ref": beats}
 
 
 def train(
@@ -177,6 +243,7 @@ def train(
     data: PreparedData,
     tokenizer: PreTrainedTokenizerBase,
     resume_from: Path | None = None,
+    heartbeat: Heartbeat | None = None,
 ) -> None:
     """Train the target model for the whole schedule; checkpoint and export as the spec says.
 
@@ -186,6 +253,7 @@ def train(
         data: The tokenized data and schedule.
         tokenizer: The target's tokenizer (saved with the final model).
         resume_from: A verified checkpoint folder to continue from.
+        heartbeat: This rank's heartbeat, told each finished step.
 
     Raises:
         Preempted: after writing a checkpoint, when SIGTERM or SIGUSR1 asked the job to stop.
@@ -205,6 +273,7 @@ def train(
         save_resolved_spec(spec, run_dir)
         if start:
             _truncate_metrics(run_dir / "metrics.jsonl", start)
+            _truncate_metrics(run_dir / "samples.jsonl", start)
             print(f"[poft-ds] resumed from {resume_from} at step {start}", flush=True)
         print(
             f"[poft-ds] training {schedule.total_steps} steps ({schedule.total_epochs:.3g} epochs of "
@@ -215,15 +284,23 @@ def train(
             flush=True,
         )
     with contextlib.ExitStack() as files:
-        metrics = files.enter_context(open(run_dir / "metrics.jsonl", "a")) if rank == 0 else None
+        log = sample_log = None
+        if rank == 0:
+            log = files.enter_context(MetricsLogger(run_dir, spec.logging, spec.public_dump(), resume_step=start))
+            if poft:  # per-sample scores and weights of every logged step (plots, analysis)
+                sample_log = files.enter_context(open(run_dir / "samples.jsonl", "a"))
         dump = None
         if spec.logging.dump_scores:
             (run_dir / "scores").mkdir(parents=True, exist_ok=True)
             dump = files.enter_context(open(run_dir / "scores" / f"trainer{rank}.jsonl", "a"))
-        _train_steps(spec, worlds, data, engine, pad, names, metrics, dump, start)
+        progress = Progress("training", schedule.total_steps, "step", done=start) if rank == 0 else None
+        if progress is not None:
+            files.callback(progress.close)
+        _train_steps(spec, worlds, data, engine, pad, names, log, sample_log, dump, start, progress, heartbeat)
     if spec.checkpoint.save_final_model:
         export_hf_model(engine, tokenizer, run_dir / "final_model")
     if rank == 0:
+        _write_plots(run_dir)
         print(f"[poft-ds] done: {run_dir}", flush=True)
 
 
@@ -234,9 +311,12 @@ def _train_steps(
     engine: deepspeed.DeepSpeedEngine,
     pad: int,
     names: list[str],
-    metrics: TextIO | None,
+    log: MetricsLogger | None,
+    sample_log: TextIO | None,
     dump: TextIO | None,
     start: int,
+    progress: Progress | None,
+    heartbeat: Heartbeat | None,
 ) -> None:
     """The optimizer steps of the schedule from `start`, with logging and periodic checkpoints."""
     rank = worlds.role.rank
@@ -250,15 +330,18 @@ def _train_steps(
     fingerprint = data.fingerprint(spec)
     response_tokens = data.samples.scored_tokens()  # per row, read from the Arrow column
     mine = {"tokens": 0, "processed_tokens": 0, "busy_s": 0.0}  # this rank's work, for its summary
+    receiver = ScoreReceiver(spec, worlds, data, start)
     for step in range(start, schedule.total_steps):
         t_start = time.perf_counter()
         rows = schedule.global_batch_at(step)
         micro_batches = schedule.micro_batches(step, rank)
         step_tokens = int(response_tokens[rows].sum())  # SFT's denominator: the whole global batch
-        stats = StepStats(len(names), worlds.device)
+        stats = StepStats(len(names), schedule.trainers, schedule.global_batch, worlds.device)
         if poft:
-            ref, counts = receive_reference_scores(spec, worlds, data, step, rows, first_step=step == start)
-            stats.add(ref_forward_passes=counts[0], ref_new_scores=counts[1])
+            ref, counts = receiver.take(step, rows)
+            stats.add(
+                ref_forward_passes=counts[0], ref_new_scores=counts[1], ref_busy_s=counts[2], ref_tokens=counts[3]
+            )
         waited = time.perf_counter() - t_start
         done = 0  # samples of this trainer's step already run
         for positions in micro_batches:
@@ -285,9 +368,14 @@ def _train_steps(
             # DeepSpeed averages gradients over the trainers; each passes its share of the sum.
             engine.backward(torch.where(finite, loss, 0.0) * schedule.trainers, scale_wrt_gas=False)
             # Sums stay on the device: no host synchronisation until the step's one all-reduce.
+            if idx:
+                trained = finite.double().expand(len(idx))
+                stats.set_samples(positions, s_target=s_target, trained=trained)
             if poft:
                 stats.add(weight=(weight * finite).sum(), s_ref=s_ref.sum())
                 stats.add_model_scores(ref_m.to(stats.v.device))
+                if idx:
+                    stats.set_samples(positions, weight=weight, s_ref=s_ref)
             stats.add(
                 loss=torch.where(finite, loss.detach(), 0.0),
                 nonfinite_micro_batches=~finite,
@@ -308,6 +396,7 @@ def _train_steps(
                     if poft:
                         rec["scores"] = dict(zip(names, ref_m[j].tolist()))
                     dump.write(json.dumps(rec) + "\n")
+        stats.set_peak_memory(rank, peak_memory_bytes(worlds.device))
         s = stats.reduced()
         nonfinite = int(s["nonfinite_micro_batches"])
         if nonfinite and policy == "stop":
@@ -330,7 +419,12 @@ def _train_steps(
         evals = {}
         if data.eval_rows and ((step + 1) % spec.logging.eval_every_steps == 0 or last):
             evals = evaluate(engine, data, worlds, pad)  # collective: every trainer takes part
-        if metrics is not None and ((step + 1) % spec.logging.every_steps == 0 or last or evals):
+        stop = preemption_requested(worlds)
+        t_checkpoint = time.perf_counter()
+        if (step + 1) % spec.checkpoint.every_steps == 0 or last or stop:
+            save_checkpoint(engine, spec, step + 1, fingerprint)
+        checkpoint_s = time.perf_counter() - t_checkpoint
+        if log is not None and ((step + 1) % spec.logging.every_steps == 0 or last or evals):
             n = s["samples"] or float("nan")
             rec = {
                 "step": step + 1,
@@ -346,8 +440,13 @@ def _train_steps(
                 "tokens_per_s": s["real_tokens"] / elapsed,
                 "padding_efficiency": s["real_tokens"] / s["processed_tokens"],
                 "micro_batches": int(s["micro_batches"]),
+                # Where the step's seconds went: waiting for scores, the passes and the
+                # optimizer step (compute, which includes the evaluation when there is one),
+                # and writing the checkpoint (after the step; not in step_time_s).
                 "wait_for_scores_s": waited,
-                "peak_memory_bytes": peak_memory_bytes(worlds.device),
+                "compute_s": elapsed - waited,
+                "checkpoint_s": checkpoint_s,
+                "peak_memory_bytes": int(max(s["peak_memory"])),  # the largest over trainer ranks
             }
             if step_skipped:
                 rec["step_skipped"] = True
@@ -355,19 +454,28 @@ def _train_steps(
                 rec["time_to_first_step_s"] = time.time() - process_start_time()
             rec |= evals
             if poft:
-                rec |= {"poft_weight": s["weight"] / n, "s_ref": s["s_ref"] / n}
+                rec |= {"poft_weight": s["weight"] / n, "s_ref": s["s_ref"] / n} | weight_metrics(s)
                 rec |= {"ref_forward_passes": int(s["ref_forward_passes"]), "ref_new_scores": int(s["ref_new_scores"])}
+                if spec.reference_ranks:
+                    # Reference ranks score ahead (prefetch), so a step's reference work is
+                    # set against the trainers' seconds of the step it arrives with.
+                    rec["ref_busy_fraction"] = s["ref_busy_s"] / (spec.reference_ranks * elapsed)
+                    rec["ref_tokens_per_s"] = s["ref_tokens"] / s["ref_busy_s"] if s["ref_busy_s"] else None
                 rec |= {f"s_ref/{name}": v / n for name, v in zip(names, s["per_model"])}
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
-            print(
-                "[poft-ds] " + " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()),
-                flush=True,
+                if sample_log is not None:
+                    sample_log.write(json.dumps(_sample_record(step + 1, rows, s)) + "\n")
+                    sample_log.flush()
+            log.log(rec)
+            progress.write(
+                "[poft-ds] " + " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items())
             )
-        stop = preemption_requested(worlds)
-        if (step + 1) % spec.checkpoint.every_steps == 0 or step + 1 == schedule.total_steps or stop:
-            save_checkpoint(engine, spec, step + 1, fingerprint)
-        if stop and step + 1 < schedule.total_steps:
+        if progress is not None:
+            progress.update(step + 1)
+            if step == start:  # by now every rank has loaded its model and written its record
+                progress.write("[poft-ds] ranks:\n" + rank_table(spec.run_dir, worlds.identity.world_size))
+        if heartbeat is not None:
+            heartbeat.update(step=step + 1, epoch=schedule.epoch_of(step))
+        if stop and not last:
             if rank == 0:
                 (Path(spec.run_dir) / PREEMPTED_MARKER).write_text(str(step + 1))
                 print(f"[poft-ds] preempted: checkpoint at step {step + 1} written; exiting", flush=True)
@@ -378,33 +486,73 @@ def _train_steps(
 def evaluate(engine: deepspeed.DeepSpeedEngine, data: PreparedData, worlds: Worlds, pad: int) -> dict[str, float]:
     """Cross-entropy and mean score of the target on the held-out rows, over all trainer ranks.
 
-    Rows are dealt round-robin to trainers; every trainer runs the same number of forward passes
-    (ZeRO-3 gathers parameters collectively), padding with empty ones.
+    Held-out rows are split as training rows are: packed to the token budget and dealt so every
+    trainer runs the same number of forward passes (ZeRO-3 gathers parameters collectively), or,
+    without packing, round-robin in micro-batches; a trainer short of work runs empty passes.
     """
-    role = worlds.role
-    mine = list(data.eval_rows[role.rank :: role.size])
-    mb = data.schedule.micro_batch
-    per_rank = -(-len(data.eval_rows) // role.size)
-    passes = -(-per_rank // mb)
+    role, schedule = worlds.role, data.schedule
+    rows = list(data.eval_rows)
+    if schedule.max_tokens is not None:
+        plan = pack_positions([int(schedule.lengths[r]) for r in rows], schedule.max_tokens, role.size)[role.rank]
+        chunks = [[rows[p] for p in positions] for positions in plan]
+    else:
+        mine, mb = rows[role.rank :: role.size], schedule.micro_batch
+        per_rank = math.ceil(len(rows) / role.size)
+        passes = math.ceil(per_rank / mb)
+        chunks = [mine[i * mb : (i + 1) * mb] for i in range(passes)]
+    first = data.samples[rows[0]]
+    empty = empty_like(pack([TokenizedSample(first.input_ids[:2], [False, False])]))
     sums = torch.zeros(3, dtype=torch.float64, device=worlds.device)  # logp, tokens, per-sample score
     was_training = engine.module.training
     engine.eval()
     with torch.no_grad():
-        for i in range(passes):
-            chunk = mine[i * mb : (i + 1) * mb]
-            batch = collate([data.samples[r] for r in chunk or data.eval_rows[:1]], pad)
-            batch = (batch if chunk else empty_like(batch)).to(worlds.device)
-            logp_sum, n_tokens = engine(*batch.inputs())
-            sums += torch.stack([logp_sum.sum(), n_tokens.sum(), (logp_sum / n_tokens).sum()]).double()
+        for chunk in chunks:
+            samples = [data.samples[r] for r in chunk]
+            batch = (pack(samples) if schedule.max_tokens is not None else collate(samples, pad)) if chunk else empty
+            logp_sum, n_tokens = engine(*batch.to(worlds.device).inputs())
+            if chunk:
+                sums += torch.stack([logp_sum.sum(), n_tokens.sum(), (logp_sum / n_tokens).sum()]).double()
     if was_training:
         engine.train()
     dist.all_reduce(sums)
     logp, tokens, score = sums.tolist()
-    return {"eval_cross_entropy": -logp / tokens, "eval_s_target": score / len(data.eval_rows)}
+    return {"eval_cross_entropy": -logp / tokens, "eval_s_target": score / len(rows)}
+
+
+def _write_plots(run_dir: Path) -> None:
+    """The run's figures (`poft-ds plot`), at the end of training; a failure to draw is reported,
+    never fatal: the model is already saved."""
+    try:
+        from poft_ds.plot import plot_run
+
+        paths = plot_run(run_dir)
+        print(f"[poft-ds] plots: {', '.join(p.name for p in paths)} in {run_dir / 'plots'}", flush=True)
+    except Exception as e:  # matplotlib missing or a figure failing must not fail a finished run
+        print(f"[poft-ds] plots not written: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+
+def _sample_record(step: int, rows: list[int], s: dict[str, Any]) -> dict[str, Any]:
+    """One step's trained samples: their data rows, target and reference scores and PoFT weights."""
+    trained = [i for i, t in enumerate(s["sample_trained"]) if t > 0]
+    rec: dict[str, Any] = {"step": step, "row": [rows[i] for i in trained]}
+    for k in ("s_target", "s_ref", "weight"):
+        rec[k] = [s[f"sample_{k}"][i] for i in trained]
+    return rec
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past the checkpoint a run resumes from (they will be logged again)."""
+    """Drop lines past the checkpoint a run resumes from (they will be logged again), and a last
+    line a killed run left half-written; atomically, so a crash now loses no line."""
     if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        keep = []
+        for i, line in enumerate(lines):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    break  # the line being written when the run died
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+            if rec["step"] <= step:
+                keep.append(line)
+        atomic_write(path, "".join(line + "\n" for line in keep).encode())

@@ -126,5 +126,28 @@ def run_job(spec: dict[str, Any], tmp_path: Path, name: str = "job.yaml", log: P
     return Path(spec["run_dir"])
 
 
+def status_of(run_dir: Path, *extra: str, expect_exit: int | None = None) -> dict[str, Any]:
+    """`poft-ds status RUN_DIR --json`, run as a user would."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "poft_ds.cli", "status", str(run_dir), "--json", *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode in (0, 1, 3, 75), proc.stderr
+    if expect_exit is not None:
+        assert proc.returncode == expect_exit, proc.stdout
+    return json.loads(proc.stdout)
+
+
+def launch_logs(run_dir: Path) -> str:
+    """What every rank logged in the run directory's latest launch (`logs/rank<N>.log` are appended to
+    by each launch, which starts its part with a `==== rank N` line)."""
+    parts = []
+    for f in sorted((run_dir / "logs").glob("rank*.log")):
+        parts.append(f.read_text().rsplit("==== rank ", 1)[-1])
+    return "".join(parts)
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

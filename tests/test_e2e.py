@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from poft_ds.data.chat import ChatTokenizer
 from poft_ds.data.rows import load_rows
-from tests.conftest import PARTITIONED, base_spec, launch, read_metrics, run_job, write_spec
+from poft_ds.plot import PIXEL_SIZE
+from tests.conftest import PARTITIONED, base_spec, launch, read_metrics, run_job, status_of, write_spec
 from tests.test_scoring import plain_scores
 
 pytestmark = pytest.mark.distributed
@@ -46,12 +48,36 @@ PACKED_BUDGET = 128
 
 def test_poft_job_trains_checkpoints_exports_and_sends_exact_scores(assets: Path, tmp_path: Path) -> None:
     # The shipped DeepSpeed configs (ds_configs/zero3.json, zero3_inference.json), as the quickstart runs.
-    spec = base_spec(assets, tmp_path / "run", logging={"dump_scores": True}, deepspeed={})
+    spec = base_spec(
+        assets, tmp_path / "run", logging={"dump_scores": True, "report_to": ["tensorboard"]}, deepspeed={}
+    )
     run_dir = run_job(spec, tmp_path, log=tmp_path / "console.txt")
 
     # A quiet console: a third-party warning shows once per run, not at every step from every rank.
-    warned = [line for line in (tmp_path / "console.txt").read_text().splitlines() if "Warning:" in line]
+    console = (tmp_path / "console.txt").read_text()
+    warned = [line for line in console.splitlines() if "Warning:" in line]
     assert len(warned) == len(set(warned)), sorted(w for w in warned if warned.count(w) > 1)[:3]
+    # Each rank logs to its own file; the console shows trainer rank 0 (and errors, of which there are none).
+    logs = {r: (run_dir / "logs" / f"rank{r}.log").read_text() for r in range(4)}
+    assert "[poft-ds] step=6 " in logs[0] and "[poft-ds] step=6 " in console
+    for r, role in ((2, "ref/chatml"), (3, "ref/zephyr")):
+        assert f"[poft-ds] {role} rank 0: " in logs[r]  # the reference rank's summary line...
+        assert f"[poft-ds] {role} rank 0: " not in console  # ...stays in its log
+    assert "global_rank=1/4 role=trainer" in logs[1]
+    assert all("\r" not in text for text in [console, *logs.values()])  # no progress-bar redraws captured
+    assert "[poft-ds] training: 6/6 steps (100%)" in logs[0]  # plain progress lines with an ETA
+    # The start-up table: one line per rank with its role and the part of the model it holds.
+    table = console.split("[poft-ds] ranks:")[1].splitlines()[1:6]
+    assert table[0].split()[:2] == ["rank", "role"]
+    assert [line.split()[:3] for line in table[1:]] == [
+        ["0", "trainer", "0/2"],
+        ["1", "trainer", "1/2"],
+        ["2", "ref/chatml", "0/1"],
+        ["3", "ref/zephyr", "0/1"],
+    ]
+    for r, line in enumerate(table[1:]):  # each rank's share, as its ranks/rank<N>.json records it
+        record = json.loads((run_dir / "ranks" / f"rank{r}.json").read_text())
+        assert f"{100 * record['local_fraction']:.1f}% of {record['numel']:,} parameters" in line
 
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, 7))
@@ -71,6 +97,14 @@ def test_poft_job_trains_checkpoints_exports_and_sends_exact_scores(assets: Path
             assert math.isfinite(m[key]), (key, m)
         assert 0 < m["poft_weight"] < 1
     assert metrics[-1]["cross_entropy"] < metrics[0]["cross_entropy"]  # it learns
+    for m in metrics:  # where each step's seconds went
+        assert m["wait_for_scores_s"] + m["compute_s"] == pytest.approx(m["step_time_s"], rel=1e-6)
+    ckpt = {m["step"]: m["checkpoint_s"] for m in metrics}
+    assert min(ckpt[3], ckpt[6]) > 10 * max(ckpt[1], ckpt[2], ckpt[4], ckpt[5])  # checkpoints at steps 3 and 6
+    scored = [m for m in metrics if m["ref_new_scores"]]
+    assert scored and all(m["ref_busy_fraction"] > 0 and m["ref_tokens_per_s"] > 0 for m in scored)
+    summaries = [json.loads((run_dir / "ranks" / f"summary_rank{r}.json").read_text()) for r in range(2)]
+    assert 0 < max(m["peak_memory_bytes"] for m in metrics) <= max(x["peak_rss_bytes"] for x in summaries)
 
     assert (run_dir / "job.resolved.yaml").is_file()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
@@ -103,6 +137,50 @@ def test_poft_job_trains_checkpoints_exports_and_sends_exact_scores(assets: Path
         expected = single_process_scores(assets / folder, Path(spec["data"]["train_files"][0]), rows, 96)
         for d in dumped:
             assert d["scores"][name] == pytest.approx(expected[d["row"]], abs=1e-5), (name, d)
+
+    # samples.jsonl: every step's samples with the weight PoFT gave them, computed here from the
+    # dumped per-trainer scores (beta 1, gamma 0, mean aggregation); quantiles and the share the
+    # target already wins in metrics.jsonl follow from them.
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in samples] == list(range(1, 7))
+    by_step = {}
+    for d in dumped:
+        s_ref = (d["scores"]["chatml"] + d["scores"]["zephyr"]) / 2
+        by_step.setdefault(d["step"], {})[d["row"]] = (d["s_target"], s_ref, 1 / (1 + math.exp(d["s_target"] - s_ref)))
+    for x, m in zip(samples, metrics):
+        mine = by_step[x["step"]]
+        assert sorted(x["row"]) == sorted(mine)
+        for row, s_t, s_r, w in zip(x["row"], x["s_target"], x["s_ref"], x["weight"]):
+            assert (s_t, s_r, w) == pytest.approx(mine[row], abs=1e-6)
+        w = sorted(v[2] for v in mine.values())
+        for q in (10, 50, 90):  # linear interpolation between order statistics, as numpy and torch define it
+            pos = q / 100 * (len(w) - 1)
+            lo = int(pos)
+            expect = w[lo] + (pos - lo) * (w[min(lo + 1, len(w) - 1)] - w[lo])
+            assert m[f"poft_weight/p{q}"] == pytest.approx(expect, abs=1e-6)
+        assert m["target_beats_ref"] == sum(v[0] > v[1] for v in mine.values()) / len(mine)
+        assert m["poft_weight"] == pytest.approx(sum(w) / len(w), abs=1e-6)
+
+    # The figures, drawn at the end of training: PNGs that decode, at the size drawn, not blank.
+    for name in ("loss", "lr_throughput", "weights", "scores"):
+        with Image.open(run_dir / "plots" / f"{name}.png") as img:
+            assert img.size == PIXEL_SIZE
+            assert len(img.convert("RGB").getcolors(maxcolors=1 << 20)) > 50, name
+
+    # TensorBoard: the loss series, read back with tensorboard's own reader.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = {p.parent for p in (run_dir / "tensorboard").rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [
+        (m["step"], pytest.approx(m["loss"], rel=1e-6)) for m in metrics
+    ]
+
+    # `poft-ds status` on the finished run.
+    done = status_of(run_dir)
+    assert done["state"] == "finished" and done["step"] == 6 and done["total_steps"] == 6
+    assert done["last_checkpoint"] == "step_00000006" and len(done["ranks"]) == 4
 
 
 def test_packed_two_trainers_match_padded_one_trainer_and_sharded_reference_matches(
@@ -213,6 +291,8 @@ def test_held_out_rows_are_evaluated_and_never_trained_on(assets: Path, tmp_path
         data={"train_files": [str(assets / "data" / "train.jsonl")], "eval_fraction": 0.1},
         topology={"procs_per_node": 3},
         logging={"eval_every_steps": 3, "dump_scores": True},
+        # Packed micro-batches: training and the held-out evaluation bin-pack to the token budget.
+        training={"learning_rate": 1e-3, "global_batch_size": 8, "max_steps": 6, "max_tokens_per_micro_batch": 160},
         checkpoint={"every_steps": 100, "save_final_model": True},
         # The shipped offload config: parameters and optimizer state on the CPU, DeepSpeed's CPU Adam.
         deepspeed={"train_config": "zero3_offload.json", "reference_config": PARTITIONED["reference_config"]},

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import base_spec, launch, read_metrics, run_job, start_cli, write_spec
+from tests.conftest import base_spec, launch, read_metrics, run_job, start_cli, status_of, write_spec
 
 pytestmark = pytest.mark.distributed
 
@@ -134,14 +134,24 @@ def test_truncated_newest_checkpoint_falls_back_and_a_changed_schedule_is_refuse
 def test_killed_reference_rank_stops_every_process_with_a_message(assets: Path, tmp_path: Path) -> None:
     spec = job(assets, tmp_path / "run", reference={"prefetch_steps": 1}, timeouts={"step_s": 30})
     spec["training"]["max_steps"] = 40
+    spec["logging"] = {"heartbeat_s": 0.5}
     proc = _start(write_spec(spec, tmp_path / "job.yaml"))
     metrics = tmp_path / "run" / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
+    live = status_of(tmp_path / "run", expect_exit=0)  # `poft-ds status` on the live run
+    assert live["state"] == "running" and live["total_steps"] == 40 and 2 <= live["step"] < 40
+    assert live["eta_s"] > 0 and not any(r["stale"] for r in live["ranks"])
     workers = _workers(proc)
     killed = time.time()
     workers[2].send_signal(signal.SIGKILL)  # the reference rank
+    time.sleep(2.5)  # five missed beats; the trainers still wait for its scores (timeouts.step_s)
+    if proc.poll() is None:
+        dead = status_of(tmp_path / "run", "--stale-after", "2", expect_exit=1)
+        assert dead["state"] == "failed" and "rank 2" in dead["reason"], dead
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0
+    after = status_of(tmp_path / "run", "--stale-after", "2", expect_exit=1)
+    assert after["state"] == "failed" and "rank 2" in after["reason"], after
     assert time.time() - killed < 2 * 30
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers.values())
     # The dead rank and its role are named: by the trainers, with what they were waiting for, when
@@ -149,6 +159,23 @@ def test_killed_reference_rank_stops_every_process_with_a_message(assets: Path, 
     named_by_trainers = "scores of aligned model 'zephyr' (reference rank 0) from global rank 2" in out
     named_by_launcher = re.search(r"rank\s*:\s*2 ", out) and "2: ref/zephyr" in out
     assert named_by_trainers or named_by_launcher, out[-3000:]
+
+
+def test_sigterm_preempts_after_a_checkpoint_and_status_says_so(assets: Path, tmp_path: Path) -> None:
+    spec = job(assets, tmp_path / "run", checkpoint={"every_steps": 100, "save_final_model": False})
+    spec["training"]["max_steps"] = 40
+    spec["logging"] = {"heartbeat_s": 0.5}
+    proc = _start(write_spec(spec, tmp_path / "job.yaml"))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)  # what Slurm or a cluster scheduler sends before it preempts
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, out[-3000:]  # EX_TEMPFAIL: run again to resume
+    step = int((tmp_path / "run" / "PREEMPTED").read_text())
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    status = status_of(tmp_path / "run", "--stale-after", "2", expect_exit=75)
+    assert status["state"] == "preempted" and status["step"] == step, status
+    assert status["last_checkpoint"] == f"step_{step:08d}"
 
 
 def nonfinite_job(assets: Path, tmp_path: Path, **training) -> dict:

@@ -107,7 +107,9 @@ def test_openmpi_run_discovers_ranks_through_mpi4py(assets: Path, tmp_path: Path
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "mpirun -np 3" in proc.stdout
     for rank, role in ((0, "trainer"), (1, "trainer"), (2, "ref/zephyr")):
-        assert f"global_rank={rank}/3 role={role}" in proc.stdout
+        # Each rank says who it is in its own log; the console carries trainer rank 0's lines.
+        assert f"global_rank={rank}/3 role={role}" in (tmp_path / "run" / "logs" / f"rank{rank}.log").read_text()
+    assert "global_rank=0/3 role=trainer" in proc.stdout and "global_rank=2/3" not in proc.stdout
     assert_complete(tmp_path / "run")
 
 
@@ -171,7 +173,8 @@ def test_slurm_submission_completes_with_a_complete_run_dir(slurm_cluster, asset
         time.sleep(2)
     log = next((tmp_path / "run" / "slurm").glob(f"*-{job_id}.out")).read_text()
     assert state == "COMPLETED", log[-4000:]
-    assert "global_rank=2/3 role=ref/zephyr" in log
+    assert "global_rank=0/3 role=trainer" in log
+    assert "global_rank=2/3 role=ref/zephyr" in (tmp_path / "run" / "logs" / "rank2.log").read_text()
     assert_complete(tmp_path / "run")
     assert json.loads((tmp_path / "run" / "data_report" / "trainer.json").read_text())["rows"] == 96
 

@@ -16,7 +16,7 @@ import pytest
 
 from poft_ds.data.schedule import Schedule
 from poft_ds.score_store import ScoreStore, model_fingerprint, sample_key, scorer_id
-from tests.conftest import base_spec, launch, read_metrics, start_cli, write_spec
+from tests.conftest import base_spec, launch, launch_logs, read_metrics, start_cli, write_spec
 
 pytestmark = pytest.mark.distributed
 
@@ -62,7 +62,7 @@ def test_second_epoch_and_reruns_do_no_reference_forward_passes(assets: Path, tm
     rerun = read_metrics(tmp_path / "run2")
     assert all(m["ref_forward_passes"] == 0 for m in rerun)
     assert "no reference ranks start: the score store holds every fp32 score of the 96 scheduled samples" in proc.stdout
-    assert scored_per_model(proc.stdout) == {}
+    assert scored_per_model(launch_logs(tmp_path / "run2")) == {}
     records = [json.loads(f.read_text()) for f in (tmp_path / "run2" / "ranks").glob("rank*.json")]
     assert sorted(r["role"] for r in records) == ["trainer", "trainer"]
     for a, b in zip(metrics, rerun):
@@ -83,7 +83,7 @@ def test_second_epoch_and_reruns_do_no_reference_forward_passes(assets: Path, tm
     spec3["reference"] = {"mode": "auto"}  # reference ranks start for what is missing
     proc = _run(spec3, tmp_path, "run3.yaml")
     assert "reference ranks start: the score store has no fp32 score of zephyr" in proc.stdout
-    assert scored_per_model(proc.stdout) == {"chatml": 0, "zephyr": 96}
+    assert scored_per_model(launch_logs(tmp_path / "run3")) == {"chatml": 0, "zephyr": 96}
     assert len([d for d in store.iterdir() if d.is_dir()]) == 3
 
 
@@ -151,8 +151,9 @@ def test_offline_scoring_killed_halfway_resumes_without_rescoring(assets: Path, 
     rerun = _score(path)
     out = rerun.communicate(timeout=600)[0]
     assert rerun.returncode == 0, out
-    assert sum(int(n) for n in re.findall(r"(\d+) known from the score store", out)) == done
-    assert sum(scored_per_model(out).values()) == 2 * 96 - done  # none of the finished work again
+    logs = launch_logs(tmp_path / "run")  # the reference ranks' summaries, of this launch only
+    assert sum(int(n) for n in re.findall(r"(\d+) known from the score store", logs)) == done
+    assert sum(scored_per_model(logs).values()) == 2 * 96 - done  # none of the finished work again
     for p, mtime in before.items():
         assert p.stat().st_mtime_ns == mtime  # finished shards untouched
     assert _store_scores(tmp_path / "resumed") == expected  # identical to the uninterrupted run

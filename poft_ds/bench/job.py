@@ -95,12 +95,18 @@ def bench_job(
     folder.mkdir(parents=True, exist_ok=True)
     if repeats < 1:
         raise BenchError(f"--repeats {repeats}: at least one round")
+    # Every variant's ranks get the CPU threads the PoFT layout gives them. torchrun sets
+    # OMP_NUM_THREADS=1 only when it starts several processes per node, so the SFT run (trainers
+    # alone) would otherwise take every core for one trainer: an unfair comparison, and on a busy
+    # machine a slow one (two spinning OpenMP threads and any other process fighting for the cores
+    # made steps up to 20x slower in a measurement on 2 cores).
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // spec.launched_procs_per_node))
     rounds = []
     for r in range(repeats):
         where = folder if repeats == 1 else folder / f"repeat{r + 1}"
         where.mkdir(parents=True, exist_ok=True)
         variants = _variants(spec, where, steps)
-        rounds.append({name: _run(name, variants[name], where, warmup_steps) for name in RUNS})
+        rounds.append({name: _run(name, variants[name], where, warmup_steps, threads) for name in RUNS})
     runs = {name: _median_round([r[name] for r in rounds]) for name in RUNS}
     params = _count_parameters(Path(spec.model.path))
     peak = _peak_flops(runs["sft"]["device"], peak_tflops)
@@ -115,6 +121,7 @@ def bench_job(
         "peak_flops_per_device": peak,
         "runs": runs,
         "repeats": repeats,
+        "omp_num_threads": int(threads),
         "compare": _compare(runs, spec),
     }
     if repeats > 1:
@@ -183,7 +190,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(name: str, variant: dict[str, Any], folder: Path, warmup_steps: int) -> dict[str, Any]:
+def _run(name: str, variant: dict[str, Any], folder: Path, warmup_steps: int, threads: str) -> dict[str, Any]:
     """Launch one variant through the CLI and collect its figures."""
     run_dir = Path(variant["run_dir"])
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run (and, for poft_online, a fresh store)
@@ -191,7 +198,8 @@ def _run(name: str, variant: dict[str, Any], folder: Path, warmup_steps: int) ->
     spec_file.write_text(yaml.safe_dump(variant, sort_keys=False))
     log = folder / f"{name}.log"
     print(f"[poft-ds bench] {name}: poft-ds launch {spec_file} (output: {log})", flush=True)
-    env = dict(os.environ, TOKENIZERS_PARALLELISM=os.environ.get("TOKENIZERS_PARALLELISM", "false"))
+    env = dict(os.environ, OMP_NUM_THREADS=threads)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
     t0 = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.run(
@@ -444,7 +452,7 @@ def format_table(result: dict[str, Any]) -> str:
     cols = [max(len(n), *(len(c[i]) for _, c in rows)) for i, n in enumerate(runs)]
     lines = [
         f"poft-ds bench: {result['steps']} steps per run, the first {result['warmup_steps']} not measured; "
-        f"runs in {result['folder']}",
+        f"{result.get('omp_num_threads', '?')} CPU thread(s) per rank (OMP_NUM_THREADS); runs in {result['folder']}",
         " " * width + "  " + "  ".join(n.rjust(w) for n, w in zip(runs, cols)),
     ]
     lines += [label.ljust(width) + "  " + "  ".join(c.rjust(w) for c, w in zip(cells, cols)) for label, cells in rows]

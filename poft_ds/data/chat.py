@@ -247,6 +247,22 @@ class ChatTokenizer:
             return None, "no response token within max_length"
         return TokenizedSample(ids, mask, trained - sum(mask)), None
 
+    def encode_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation rendered with the generation prompt (what a model then
+        answers), encoded as `__call__` encodes training text: message text never becomes a
+        control token, and a BOS the template leaves out is prepended.
+
+        Raises:
+            jinja2.TemplateError: the template refuses the conversation.
+        """
+        text = self.tok.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=True
+        )
+        ids, _ = self._encode(text, self._forged_spans(messages, text))
+        if self.prepend_bos and not text.startswith(self.tok.bos_token or "\0"):
+            ids = [self.tok.bos_token_id, *ids]
+        return ids
+
     def _forged_spans(self, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
         """Character spans of `text` where a message's content spells a special token.
 

@@ -73,7 +73,7 @@ class Row:
         return f"{self.source}:{self.line}"
 
 
-def _read_records(path: Path) -> list[tuple[int, Any, str | None]]:
+def read_records(path: Path) -> list[tuple[int, Any, str | None]]:
     """(line or row number, record, problem) for every row of a JSONL, JSON, parquet or arrow file."""
     if path.suffix in (".parquet", ".arrow"):
         import datasets
@@ -251,7 +251,7 @@ def read_source(
     columns = columns or {}
     p = Path(path)
     try:
-        records = _read_records(p)
+        records = read_records(p)
     except OSError as e:
         raise DataError(f"{p}: cannot read: {e}") from e
     if not records:

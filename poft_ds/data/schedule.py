@@ -56,9 +56,11 @@ class Schedule:
     max_steps: int | None = None
     lengths: Sequence[int] | None = None
     max_tokens: int | None = None
-    # The last step's packing plan, kept because every micro-batch of a step asks for it.
-    _plan_step: int = field(default=-1, init=False, repr=False, compare=False)
-    _plan: list = field(default_factory=list, init=False, repr=False, compare=False)
+    # Packing plans of recent steps (every micro-batch of a step asks, and trainers also plan the
+    # next step to receive its scores early), and the current epoch's shuffle: a randperm over
+    # every usable row is milliseconds at millions of rows, too much to redraw per call.
+    _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _order: tuple = field(default=(-1, None), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.lengths is None:
@@ -88,10 +90,10 @@ class Schedule:
     def global_batch_at(self, step: int) -> list[int]:
         """Row indices of optimizer step `step` (0-based), in position order."""
         epoch, within = divmod(step, self.steps_per_epoch)
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(len(self.usable), generator=g)[
-            within * self.global_batch : (within + 1) * self.global_batch
-        ]
+        if self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            object.__setattr__(self, "_order", (epoch, torch.randperm(len(self.usable), generator=g)))
+        order = self._order[1][within * self.global_batch : (within + 1) * self.global_batch]
         rows = [self.usable[i] for i in order.tolist()]
         if self.lengths is None or self.max_tokens is not None:
             return rows
@@ -111,13 +113,12 @@ class Schedule:
         if self.max_tokens is None:
             mb, per = self.micro_batch, self.micro_batch * self.grad_accum
             return [list(range(trainer * per + m * mb, trainer * per + (m + 1) * mb)) for m in range(self.grad_accum)]
-        if self._plan_step != step:
+        if step not in self._plans:
             rows = self.global_batch_at(step)
-            object.__setattr__(
-                self, "_plan", pack_positions([int(self.lengths[r]) for r in rows], self.max_tokens, self.trainers)
-            )
-            object.__setattr__(self, "_plan_step", step)
-        return self._plan[trainer]
+            if len(self._plans) >= 4:
+                self._plans.pop(min(self._plans))
+            self._plans[step] = pack_positions([int(self.lengths[r]) for r in rows], self.max_tokens, self.trainers)
+        return self._plans[step][trainer]
 
     def trainer_positions(self, trainer: int, step: int) -> list[int]:
         """Positions of a global batch that `trainer` consumes at `step`, in micro-batch order."""
