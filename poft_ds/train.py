@@ -301,6 +301,8 @@ def train(
         export_hf_model(engine, tokenizer, run_dir / "final_model")
     if rank == 0:
         _write_plots(run_dir)
+        if spec.eval.answer_field and spec.data.eval_fraction and spec.checkpoint.save_final_model:
+            _evaluate_final_model(spec, run_dir)
         print(f"[poft-ds] done: {run_dir}", flush=True)
 
 
@@ -529,6 +531,26 @@ def _write_plots(run_dir: Path) -> None:
         print(f"[poft-ds] plots: {', '.join(p.name for p in paths)} in {run_dir / 'plots'}", flush=True)
     except Exception as e:  # matplotlib missing or a figure failing must not fail a finished run
         print(f"[poft-ds] plots not written: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+
+def _evaluate_final_model(spec: JobSpec, run_dir: Path) -> None:
+    """`poft-ds eval` of the final model on the held-out rows, into RUN_DIR/eval.json (one process:
+    greedy answers checked against `eval.answer_field`). The other ranks wait at the final barrier.
+    A failure is reported, never fatal: the model is already saved."""
+    try:
+        from poft_ds.evaluate import evaluate_model, write_report
+
+        report = evaluate_model(spec, run_dir / "final_model")
+        write_report(report, run_dir / "eval.json")
+        em = report["exact_match"]
+        print(
+            f"[poft-ds] eval of final_model on {report['evaluated']} held-out rows: exact match "
+            f"{'-' if em is None else f'{em:.4g}'}, mean log-prob {report['mean_logprob']:.5g}, "
+            f"perplexity {report['perplexity']:.5g} ({run_dir / 'eval.json'})",
+            flush=True,
+        )
+    except Exception as e:
+        print(f"[poft-ds] eval.json not written: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
 
 def _sample_record(step: int, rows: list[int], s: dict[str, Any]) -> dict[str, Any]:

@@ -291,6 +291,9 @@ def test_held_out_rows_are_evaluated_and_never_trained_on(assets: Path, tmp_path
         data={"train_files": [str(assets / "data" / "train.jsonl")], "eval_fraction": 0.1},
         topology={"procs_per_node": 3},
         logging={"eval_every_steps": 3, "dump_scores": True},
+        # The end of training also runs `poft-ds eval` on the final model (eval.json); these rows
+        # have no answers, so it scores them and checks none.
+        eval={"answer_field": "answer"},
         # Packed micro-batches: training and the held-out evaluation bin-pack to the token budget.
         training={"learning_rate": 1e-3, "global_batch_size": 8, "max_steps": 6, "max_tokens_per_micro_batch": 160},
         checkpoint={"every_steps": 100, "save_final_model": True},
@@ -326,3 +329,6 @@ def test_held_out_rows_are_evaluated_and_never_trained_on(assets: Path, tmp_path
             logp += lp.gather(-1, ids[0, 1:, None]).squeeze(-1)[mask].sum().item()
             tokens += mask.sum().item()
     assert evals[-1]["eval_cross_entropy"] == pytest.approx(-logp / tokens, rel=1e-4)
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["cross_entropy"] == pytest.approx(-logp / tokens, rel=1e-4)
+    assert report["evaluated"] == len(picked) and report["exact_match"] is None

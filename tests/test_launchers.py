@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -145,11 +146,28 @@ def test_sbatch_script_renders_the_slurm_options(assets: Path, tmp_path: Path) -
     assert plan.command[:2] == ["sbatch", "--parsable"]
 
 
+SLURM_DAEMONS = ("slurmd", "slurmctld", "munged")
+
+
 @pytest.fixture(scope="module")
-def slurm_cluster() -> None:
+def slurm_cluster() -> Iterator[None]:
+    """A one-node Slurm cluster for this module's tests; the daemons it started are stopped after."""
     if shutil.which("slurmctld") is None or os.geteuid() != 0:
         pytest.skip("needs Debian's slurm-wlm and munge (scripts/setup.sh) and root")
-    subprocess.run(["bash", str(HERE / "slurm_cluster.sh")], check=True, timeout=180)
+    already = {d for d in SLURM_DAEMONS if subprocess.run(["pgrep", "-x", d], capture_output=True).returncode == 0}
+    try:
+        subprocess.run(["bash", str(HERE / "slurm_cluster.sh")], check=True, timeout=180)
+        yield
+    finally:
+        for daemon in SLURM_DAEMONS:  # the node daemon first, munge last (the others authenticate with it)
+            if daemon not in already:
+                subprocess.run(["pkill", "-TERM", "-x", daemon], capture_output=True)
+                deadline = time.time() + 30
+                while subprocess.run(["pgrep", "-x", daemon], capture_output=True).returncode == 0:
+                    if time.time() > deadline:
+                        subprocess.run(["pkill", "-KILL", "-x", daemon], capture_output=True)
+                        break
+                    time.sleep(0.2)
 
 
 def _job_state(job_id: str) -> str:
