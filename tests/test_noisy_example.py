@@ -114,3 +114,24 @@ def test_both_tokenizers_render_every_row(build):
             ids = tok(text, add_special_tokens=False)["input_ids"]
             assert tok.unk_token_id is None or tok.unk_token_id not in ids, text
             assert tok.decode(ids) == text
+
+
+def test_readmes_show_the_table_the_script_wrote():
+    """The results table in README.md and in the example's README is the one in results.md, which
+    run.py wrote (copied from its work folder), and results.json says the same."""
+    import json
+
+    root = Path(__file__).resolve().parent.parent
+    results = (root / "examples" / "noisy_sft" / "results.md").read_text()
+    table = next(block for block in results.split("\n\n") if block.startswith("| seed | method | best lr"))
+    assert table in (root / "README.md").read_text()
+    assert table in (root / "examples" / "noisy_sft" / "README.md").read_text()
+    best = json.loads((root / "examples" / "noisy_sft" / "results.json").read_text())
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
+    assert len(rows) == 4  # 2 seeds x (sft, poft)
+    for cells in rows:
+        seed, method, lr, test_em, test_logprob = (c.strip() for c in cells[:5])
+        run = best["best"][seed][method]
+        assert float(lr) == run["lr"]
+        assert f"{run['test']['exact_match']:.3f}" == test_em
+        assert f"{run['test']['mean_logprob']:.3f}" == test_logprob
