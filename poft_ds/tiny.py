@@ -83,16 +83,26 @@ def _render_all(rows: list[dict], template: str, hf_tok: PreTrainedTokenizerFast
     return [hf_tok.apply_chat_template(r["messages"], chat_template=template, tokenize=False) for r in rows]
 
 
-def _tiny_llama(vocab_size: int, seed: int, bos: int, eos: int, pad: int) -> LlamaForCausalLM:
+def _tiny_llama(
+    vocab_size: int,
+    seed: int,
+    bos: int,
+    eos: int,
+    pad: int,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 512,
+) -> LlamaForCausalLM:
+    """A random 2-layer Llama (the width can grow for examples that must learn more)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=False,
         bos_token_id=bos,
         eos_token_id=eos,

@@ -39,11 +39,11 @@ import string
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from poft_ds.files import atomic_write
-from poft_ds.tiny import CHATML_TEMPLATE, ZEPHYR_TEMPLATE, _bpe_tokenizer, _save
+from poft_ds.tiny import CHATML_TEMPLATE, ZEPHYR_TEMPLATE, _bpe_tokenizer, _save, _tiny_llama
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_FOLDER = HERE.parent.parent / "runs" / "noisy_sft" / "assets"
@@ -145,21 +145,9 @@ def wrong_answers(all_facts: list[dict[str, str]], seed: int) -> dict[str, tuple
 def _llama(vocab_size: int, seed: int, bos: int, eos: int, pad: int) -> LlamaForCausalLM:
     """A random tiny Llama: twice the width of poft_ds.tiny's (64 wide could not memorize the 165 facts in
     300 steps: about 10% exact match), still a tiny fraction of a step's cost on a CPU."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        bos_token_id=bos,
-        eos_token_id=eos,
-        pad_token_id=pad,
+    return _tiny_llama(
+        vocab_size, seed, bos, eos, pad, hidden_size=128, intermediate_size=256, max_position_embeddings=128
     )
-    return LlamaForCausalLM(config)
 
 
 def _row(fact: dict[str, str], idx: str, response: str, **extra: object) -> dict:
