@@ -212,18 +212,19 @@ def run_launch(spec: JobSpec, plan: Launch) -> int:
         # A marker left by an earlier preempted launch; this launch resumes from its checkpoint.
         (Path(spec.run_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)
         code = _run_forwarding_preemption(plan.command, env)
-        if code != 0 and (Path(spec.run_dir) / PREEMPTED_MARKER).is_file():
+        if code == 0:
+            return code
+        state, reason = _final_state(Path(spec.run_dir))
+        if state == "preempted":
             # The trainers checkpointed and stopped on request; torchrun reports any non-zero
             # rank as its own exit 1, so say what happened with the code a rank would use.
             print("[poft-ds] the job was preempted after a checkpoint; launch it again to resume", flush=True)
             return EXIT_PREEMPTED
-        if code != 0:
-            print(
-                f"[poft-ds] the job failed (exit {code}); {role_map(spec)}. The report above names the "
-                "rank that failed first.",
-                file=sys.stderr,
-                flush=True,
-            )
+        print(
+            f"[poft-ds] the job failed (exit {code}); {role_map(spec)}. {reason}",
+            file=sys.stderr,
+            flush=True,
+        )
         return code
     (Path(spec.run_dir) / "slurm").mkdir(parents=True, exist_ok=True)  # Slurm does not create it
     proc = subprocess.run(plan.command, env=env, capture_output=True, text=True)
@@ -234,6 +235,29 @@ def run_launch(spec: JobSpec, plan: Launch) -> int:
     print(f"[poft-ds] submitted Slurm job {job_id}; logs: {Path(spec.run_dir) / 'slurm'}/*-{job_id}.out")
     print(job_id)
     return 0
+
+
+def _final_state(run_dir: Path) -> tuple[str, str]:
+    """Whether a local launch was preempted or failed, and why, once every rank of a local launch has exited.
+
+    A rank that died without a word (SIGKILL, the OOM killer) leaves a "running" heartbeat, so
+    with every process gone any live heartbeat is a death. The PREEMPTED marker alone does not
+    make a preemption: when one rank crashes, torchrun SIGTERMs the others, and they checkpoint
+    and write the marker as if asked to stop; the crashed rank's heartbeat tells them apart.
+    """
+    from poft_ds.status import run_status
+
+    try:
+        status = run_status(run_dir, stale_after_s=0.0)
+    except (OSError, ValueError) as e:
+        status = {"state": "unknown", "reason": f"heartbeats unreadable: {e}"}
+    if status["state"] == "unknown" and (run_dir / PREEMPTED_MARKER).is_file():
+        return "preempted", status["reason"]
+    if status["state"] == "preempted":
+        return "preempted", status["reason"]
+    if status["state"] == "failed":
+        return "failed", f"Heartbeats: {status['reason']}."
+    return "failed", "The report above names the rank that failed first."
 
 
 def role_map(spec: JobSpec) -> str:

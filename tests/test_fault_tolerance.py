@@ -159,6 +159,9 @@ def test_killed_reference_rank_stops_every_process_with_a_message(assets: Path, 
     named_by_trainers = "scores of aligned model 'zephyr' (reference rank 0) from global rank 2" in out
     named_by_launcher = re.search(r"rank\s*:\s*2 ", out) and "2: ref/zephyr" in out
     assert named_by_trainers or named_by_launcher, out[-3000:]
+    # torchrun SIGTERMs the surviving ranks, which checkpoint as if preempted: still a failure.
+    assert "[poft-ds] the job failed" in out and "rank 2 (reference) stopped beating" in out, out[-3000:]
+    assert "preempted after a checkpoint" not in out, out[-3000:]
 
 
 def test_sigterm_preempts_after_a_checkpoint_and_status_says_so(assets: Path, tmp_path: Path) -> None:
