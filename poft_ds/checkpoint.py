@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from poft_ds.data.prepare import PreparedData
 from poft_ds.distributed import Worlds, bridge_broadcast_int
+from poft_ds.environment import ENVIRONMENT_FILE
 from poft_ds.files import atomic_write
 from poft_ds.spec import JobSpec
 
@@ -72,6 +73,9 @@ def save_checkpoint(engine: deepspeed.DeepSpeedEngine, spec: JobSpec, step: int,
         if rank == 0:
             folder = root / tmp_tag
             save_resolved_spec(spec, folder)
+            environment = Path(spec.run_dir) / ENVIRONMENT_FILE
+            if environment.is_file():  # what this checkpoint was trained with
+                shutil.copyfile(environment, folder / ENVIRONMENT_FILE)
             sizes = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
             manifest = {"step": step, "schedule": schedule, "files": sizes}
             atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1).encode())

@@ -17,6 +17,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -29,7 +30,7 @@ def _load_checked(path: str) -> JobSpec:
     from poft_ds.preflight import check_templates
 
     spec = load_spec(path, check_templates=check_templates)
-    for i, m in enumerate(spec.aligned_models if spec.objective.kind == "poft" else []):
+    for i, m in enumerate(spec.aligned_models if spec.objective.uses_reference else []):
         if m.max_length < spec.model.max_length:
             print(
                 f"warning: aligned_models[{i}].max_length {m.max_length} < model.max_length {spec.model.max_length}: "
@@ -42,7 +43,14 @@ def _load_checked(path: str) -> JobSpec:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from poft_ds.scores import reference_plan
+    from poft_ds.stages import is_staged
 
+    if is_staged(args.spec):
+        for stage, spec in _checked_stages(args.spec):
+            print(f"# stage {stage.name}: {stage.run_dir}")
+            print(yaml.safe_dump(spec.public_dump(), sort_keys=False), end="")
+        print("# ok: every stage", file=sys.stderr)
+        return 0
     spec = _load_checked(args.spec)
     launch, how = reference_plan(spec)
     print(yaml.safe_dump(spec.public_dump(), sort_keys=False), end="")
@@ -81,9 +89,18 @@ def _with_reference_plan(spec: JobSpec, spec_path: str) -> tuple[JobSpec, str]:
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
+    from poft_ds.stages import is_staged
+
+    if is_staged(args.spec):
+        return _launch_stages(args)
+    return _launch_one(_load_checked(args.spec), args.spec, args)
+
+
+def _launch_one(spec: JobSpec, spec_path: str, args: argparse.Namespace) -> int:
+    """Start every rank of one job (print the plan only, with --dry-run); the launcher's exit code."""
     from poft_ds.launchers import plan_launch, run_launch
 
-    spec, spec_path = _with_reference_plan(_load_checked(args.spec), args.spec)
+    spec, spec_path = _with_reference_plan(spec, spec_path)
     plan = plan_launch(spec, spec_path, extra=("--resume",) if args.resume else ())
     for path, text in plan.files.items():
         print(f"# {path}\n{text}", end="" if text.endswith("\n") else "\n")
@@ -91,6 +108,57 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     return run_launch(spec, plan)
+
+
+def _checked_stages(spec_path: str) -> list[tuple[Any, JobSpec]]:
+    """Every stage of a staged job with its validated spec; all are checked before any runs."""
+    from poft_ds.preflight import check_templates
+    from poft_ds.stages import read_stages, stage_spec
+
+    stages, base = read_stages(spec_path)
+    out = []
+    for stage in stages:
+        spec, note = stage_spec(stage, base, spec_path, check_templates)
+        if note:
+            print(f"# {note}", file=sys.stderr)
+        if spec.launcher.kind == "slurm":
+            raise SpecError(
+                f"{spec_path}: stage {stage.name}: launcher.kind slurm: a staged job runs its stages one after "
+                "another from `poft-ds launch`; run that inside an allocation (launcher.kind local or deepspeed)"
+            )
+        out.append((stage, spec))
+    return out
+
+
+def _launch_stages(args: argparse.Namespace) -> int:
+    """Run a staged job's stages in order, skipping finished ones (see `poft_ds.stages`)."""
+    from poft_ds.stages import finished, mark_finished, spec_hash, stage_spec, write_stage_spec
+
+    checked = _checked_stages(args.spec)
+    base = Path(args.spec).resolve().parent
+    for i, (stage, _) in enumerate(checked):
+        # Validated again now that the previous stage's model exists: this is what runs.
+        spec, _ = stage_spec(stage, base, args.spec)
+        done = finished(stage)
+        if done is not None:
+            if done != spec_hash(spec):
+                raise SpecError(
+                    f"{args.spec}: stage {stage.name} finished with another spec than the one it has now; "
+                    f"remove {stage.run_dir} to run it (and the stages after it) again"
+                )
+            print(f"[poft-ds] stage {stage.name}: finished earlier ({stage.run_dir}); skipped", flush=True)
+            continue
+        print(f"[poft-ds] stage {i + 1}/{len(checked)}: {stage.name} in {stage.run_dir}", flush=True)
+        code = _launch_one(spec, str(write_stage_spec(stage, spec)), args)
+        if code != 0 or args.dry_run:
+            return code
+        if i + 1 < len(checked) and not stage.final_model.is_dir():
+            raise SpecError(
+                f"{args.spec}: stage {stage.name} wrote no final model, which stage {checked[i + 1][0].name} "
+                "starts from (checkpoint.save_final_model)"
+            )
+        mark_finished(stage, spec)
+    return 0
 
 
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
@@ -266,9 +334,23 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+class _VersionAction(argparse.Action):
+    """`--version`: the version and commit, computed only when asked (it imports torch)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from poft_ds.environment import version_string
+
+        print(version_string())
+        parser.exit()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `poft-ds` console script."""
     parser = argparse.ArgumentParser(prog="poft-ds", description="PoFT fine-tuning on DeepSpeed.")
+    parser.add_argument("--version", action=_VersionAction, help="print the version and git commit, then exit")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_ in [
         ("validate", _cmd_validate, "check a job spec and print it resolved"),
@@ -364,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"] and spec_first and argv[1] not in bench.choices:
         argv.insert(1, "job")  # `poft-ds bench job.yaml`: a spec, not a benchmark's name
     args = parser.parse_args(argv)
+    if "DS_ACCELERATOR" not in os.environ and args.command not in ("status", "plot", "schema"):
+        # Named, DeepSpeed does not guess; guessing, it prints a warning on stdout, which would
+        # spoil output meant for files (`poft-ds validate job.yaml > resolved.yaml`).
+        import torch
+
+        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         return args.fn(args)
     except (SpecError, DataError) as e:

@@ -56,10 +56,13 @@ class Role:
 
 
 def role_layout(spec: JobSpec) -> list[tuple[str, str, int | None, int, int]]:
-    """All roles of a job as (name, kind, model_index, first_global_rank, size), in rank order."""
+    """All roles a job's launch starts as (name, kind, model_index, first_global_rank, size), in rank order.
+
+    A store-only job (`JobSpec.store_only`) starts its trainers only.
+    """
     layout = [("trainer", "trainer", None, 0, spec.trainer_ranks)] if spec.trainer_ranks else []
     start = spec.trainer_ranks
-    if spec.objective.kind == "poft":
+    if spec.reference_ranks:
         for k, m in enumerate(spec.aligned_models):
             layout.append((f"ref/{m.name}", "reference", k, start, m.ranks))
             start += m.ranks

@@ -21,9 +21,11 @@ from poft_ds.distributed import (
     init_worlds,
     install_preemption_handlers,
     local_stop_requested,
+    process_start_time,
     shutdown,
     start_orphan_watchdog,
 )
+from poft_ds.environment import model_records, write_environment
 from poft_ds.rank_logs import route_rank_output
 from poft_ds.spec import JobSpec
 from poft_ds.status import Heartbeat
@@ -46,6 +48,8 @@ def run_rank(spec: JobSpec, offline_scoring: bool = False) -> None:
         f"role={role.name} role_rank={role.rank}/{role.size} local_rank={ident.local_rank} device={worlds.device}",
         flush=True,
     )
+    if ident.global_rank == 0:  # completed with every rank's host and device after the first step
+        write_environment(spec.run_dir, process_start_time(), model_records(spec))
     model = spec.aligned_models[role.model_index].name if role.kind == "reference" else None
     heartbeat = Heartbeat(
         spec.run_dir, ident.global_rank, ident.world_size, role.kind, role.rank, model, spec.logging.heartbeat_s

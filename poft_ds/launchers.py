@@ -19,11 +19,11 @@ from pathlib import Path
 import jinja2
 import psutil
 
-from poft_ds import REPO_ROOT
+from poft_ds import SHIPPED_ROOT
 from poft_ds.distributed import EXIT_PREEMPTED, PREEMPTED_MARKER
 from poft_ds.spec import JobSpec, SpecError
 
-SBATCH_TEMPLATE = REPO_ROOT / "launch" / "slurm.sbatch.j2"
+SBATCH_TEMPLATE = SHIPPED_ROOT / "launch" / "slurm.sbatch.j2"
 
 
 @dataclass
@@ -204,7 +204,7 @@ def run_launch(spec: JobSpec, plan: Launch) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     env = dict(os.environ, **spec.env, **plan.env)
-    env.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    env.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")  # when not started by the CLI
     tool = plan.command[0]
     if not Path(tool).is_absolute() and shutil.which(tool, path=env.get("PATH")) is None:
         raise SpecError(f"launcher.kind: {tool!r} is not on PATH")

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from poft_ds.distributed import Worlds, peak_memory_bytes, process_start_time
+from poft_ds.environment import device_record, software
 from poft_ds.files import atomic_write
 from poft_ds.scoring import ResponseScorer, check_head
 from poft_ds.spec import ModelSpec
@@ -93,7 +94,7 @@ def shard_record(module: nn.Module) -> dict[str, Any]:
 def write_rank_record(
     run_dir: str, worlds: Worlds, model_path: str, module: nn.Module, optimizer: str | None = None
 ) -> None:
-    """Write `ranks/rank<N>.json`: this rank's host, role, device, model, optimizer and shard of the model."""
+    """Write `ranks/rank<N>.json`: this rank's host, role, device, model, optimizer, software and shard of the model."""
     ident, role = worlds.identity, worlds.role
     record = {
         "host": socket.gethostname(),
@@ -103,8 +104,10 @@ def write_rank_record(
         "role_size": role.size,
         "local_rank": ident.local_rank,
         "device": str(worlds.device),
+        "device_info": device_record(worlds.device),
         "model": model_path,
         "optimizer": optimizer,
+        "software": software(),
     } | shard_record(module)
     atomic_write(Path(run_dir) / "ranks" / f"rank{ident.global_rank}.json", json.dumps(record, indent=1).encode())
 

@@ -13,8 +13,8 @@ from typing import Any
 from jinja2 import TemplateSyntaxError
 from transformers import PreTrainedTokenizerBase
 
-from poft_ds.data.chat import REFUSED, ChatTokenizer, load_tokenizer
-from poft_ds.data.rows import DataError, load_rows
+from poft_ds.data.chat import REFUSED, ChatTokenizer, chat_tokenizer, load_tokenizer
+from poft_ds.data.rows import DataError, job_rows
 from poft_ds.data.tokenize import tokenize_rows
 from poft_ds.spec import JobSpec, ModelSpec, SpecError
 
@@ -31,7 +31,7 @@ PROBE = [
 def job_models(spec: JobSpec) -> list[tuple[str, str, ModelSpec]]:
     """(field path, display name, model) for the target and every aligned model the job uses."""
     out = [("model", "target", spec.model)]
-    if spec.objective.kind == "poft":
+    if spec.objective.uses_reference:
         out += [(f"aligned_models[{i}]", m.name, m) for i, m in enumerate(spec.aligned_models)]
     return out
 
@@ -87,14 +87,12 @@ def inspect_data(spec: JobSpec) -> dict[str, Any]:
         statistics and response tokens lost to truncation, rows usable by every model, and
         whether the job would start.
     """
-    rows = load_rows(spec.data.sources, spec.seed)
+    rows = job_rows(spec)
     usable = [True] * len(rows)
     models = {}
     for field, name, model in job_models(spec):
         tok = load_tokenizer(model)
-        samples, report = tokenize_rows(
-            rows, ChatTokenizer(tok, model.max_length, model.chat_template, model.truncation)
-        )
+        samples, report = tokenize_rows(rows, chat_tokenizer(spec, model, tok))
         lengths = sorted(len(s.input_ids) for s in samples if s)
         usable = [u and s is not None for u, s in zip(usable, samples)]
         first = next((s for s in samples if s), None)

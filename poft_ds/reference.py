@@ -46,7 +46,8 @@ class GroupScorer:
             root = spec.score_store.resolved_dir(spec.run_dir)
             fp = model_fingerprint(self.model.path, root / ".fingerprints.json")
             template = self.model.chat_template or tokenizer.chat_template
-            sid = scorer_id(fp, template, self.model.max_length, self.model.truncation, precision)
+            dpo = spec.objective.kind == "dpo"
+            sid = scorer_id(fp, template, self.model.max_length, self.model.truncation, precision, dpo)
             about = {
                 "model": self.model.path,
                 "fingerprint": fp,
@@ -54,6 +55,7 @@ class GroupScorer:
                 "truncation": self.model.truncation,
                 "precision": precision,
                 "chat_template": template,
+                "last_turn_only": dpo,
             }
             self.store = ScoreStore(root, sid, about)
             self.known = self.store.load()
@@ -61,7 +63,7 @@ class GroupScorer:
         ds_config = reference_config(spec, precision)
         self.engine = inference_engine(load_scorer(self.model, ds_config, precision), ds_config)
         verify_head(self.engine, worlds, precision, self.model.name)
-        write_rank_record(spec.run_dir, worlds, self.model.path, self.engine.module)
+        write_rank_record(spec.run_dir, worlds, self.model.hub_id or self.model.path, self.engine.module)
         self.pad = pad_token_id(tokenizer)
         first = data.samples[data.schedule.usable[0]]
         # What a rank with no work left runs, so ZeRO-3's collective gathers stay in step.
@@ -106,7 +108,8 @@ class GroupScorer:
                     self.processed_tokens += batch.processed_tokens
                 batch = batch.to(self.worlds.device)
                 logp_sum, n_tokens = self.engine(*batch.inputs())
-                values = (logp_sum / n_tokens).double().cpu().tolist()
+                # In float64: DPO recovers each sum as mean x tokens, exactly.
+                values = (logp_sum.double() / n_tokens.double()).cpu().tolist()
                 for r, v, n in zip(chunk, values, n_tokens.cpu().tolist()):
                     out[r] = v
                     self.known[keys[r]] = self.unsaved[keys[r]] = (v, n)
@@ -141,19 +144,33 @@ def serve_scores(
 
     Each message to a trainer holds the scores of the positions it consumes, then this rank's
     forward passes and newly scored samples for the step (counted once, in the message to the
-    first trainer this rank serves), which the trainers log; see `train.ScoreReceiver`.
+    first trainer this rank serves), which the trainers log; see `train.ScoreReceiver`. Under
+    DPO a position is a pair (rows 2i, 2i+1) and its scores are four values: the chosen
+    response's log-probability sum and token count, then the rejected one's (`score_width`).
     """
     role = worlds.role
     scorer = GroupScorer(spec, worlds, data, tokenizer)
     schedule = data.schedule
     G = schedule.global_batch
     mine = reference_positions(G, role.size, role.rank)
+    dpo = spec.objective.kind == "dpo"
+    halves = (0, 1) if dpo else (0,)  # a DPO unit is the pair of rows r (chosen) and r + 1 (rejected)
+
+    def payload(by_row: dict[int, float], r: int) -> list[float]:
+        if not dpo:
+            return [by_row[r]]
+        out = []
+        for x in (r, r + 1):
+            n = scorer.known[data.keys[x]][1]
+            out += [by_row[x] * n, float(n)]
+        return out
+
     pending: deque[tuple[int, int, torch.Tensor, object]] = deque()
     flushed_on_signal = False
     for step in range(start, schedule.total_steps):
         rows = schedule.global_batch_at(step)
         before = (scorer.scored, scorer.busy, scorer.tokens)
-        by_row, passes = scorer.score(sorted({rows[p] for p in mine}))
+        by_row, passes = scorer.score(sorted({rows[p] + h for p in mine for h in halves}))
         # The step's work, which the trainers log: forward passes, newly scored samples, busy
         # seconds and real tokens scored.
         counts = [
@@ -167,7 +184,7 @@ def serve_scores(
             if shared:
                 # The step's work is reported once, to the first trainer this rank sends to.
                 extra, counts = counts, [0.0] * len(counts)
-                t = torch.tensor([by_row[rows[p]] for p in shared] + extra, dtype=torch.float64)
+                t = torch.tensor([v for p in shared for v in payload(by_row, rows[p])] + extra, dtype=torch.float64)
                 # Trainers are global ranks [0, trainer_ranks); keep the buffer alive until sent.
                 pending.append((step, trainer, t, worlds.send(t, trainer)))
         while pending and pending[0][0] <= step - spec.reference.prefetch_steps:
@@ -209,7 +226,8 @@ def score_dataset(spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: 
     """
     role = worlds.role
     scorer = GroupScorer(spec, worlds, data, tokenizer)
-    usable = list(data.schedule.usable)
+    halves = (0, 1) if spec.objective.kind == "dpo" else (0,)  # DPO: both rows of each pair
+    usable = [r + h for r in data.schedule.usable for h in halves]
     mine = usable[role.rank :: role.size]
     left = [r for r in mine if data.keys[r] not in scorer.known]
     step = scorer.model.score_batch_size * spec.score_store.flush_every_batches

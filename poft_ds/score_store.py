@@ -70,9 +70,21 @@ def model_fingerprint(model_dir: str, cache_file: Path | None = None) -> str:
     return h.hexdigest()
 
 
-def scorer_id(fingerprint: str, template: str, max_length: int, truncation: str, precision: str) -> str:
-    """Identity of everything besides the sample that a score depends on."""
+def scorer_id(
+    fingerprint: str, template: str, max_length: int, truncation: str, precision: str, last_turn_only: bool = False
+) -> str:
+    """Identity of everything besides the sample that a score depends on.
+
+    The masking rules' version is part of it: a change to which tokens count as the response
+    changes every score, so scores stored under earlier rules are not reused. So is whether only
+    the last assistant turn is scored (DPO) or every one (PoFT).
+    """
+    from poft_ds.data import chat  # imported here: it pulls in transformers, which the store needs nowhere else
+
     parts = [fingerprint, hashlib.sha256(template.encode()).hexdigest(), str(max_length), truncation, precision]
+    parts.append(f"mask-rules-{chat.MASK_RULES}")
+    if last_turn_only:
+        parts.append("last-turn-only")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 

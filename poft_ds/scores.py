@@ -8,6 +8,7 @@ truncation, precision), exactly as the reference ranks wrote it.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from poft_ds.data.chat import load_tokenizer
-from poft_ds.data.rows import DataError, Row, load_rows
+from poft_ds.data.rows import DataError, Row, job_rows, load_rows
 from poft_ds.loss import aggregate_reference_scores
 from poft_ds.score_store import ScoreStore, model_fingerprint, sample_key, scorer_id
 from poft_ds.spec import JobSpec, SpecError
@@ -33,7 +34,7 @@ def stored_scores(
     the bf16 (GPU) scores are preferred and fp32 (CPU) scores used where those are missing, unless
     `precisions` names the one to read.
     """
-    rows = rows if rows is not None else load_rows(spec.data.sources, spec.seed)
+    rows = rows if rows is not None else job_rows(spec)
     keys = [sample_key(r.messages) if r.messages else None for r in rows]
     root = spec.score_store.resolved_dir(spec.run_dir)
     if precisions is None:
@@ -44,7 +45,7 @@ def stored_scores(
         template = m.chat_template or load_tokenizer(m).chat_template
         known: dict[str, tuple[float, int]] = {}
         for precision in reversed(precisions):  # preferred precision last, so it wins
-            sid = scorer_id(fp, template, m.max_length, m.truncation, precision)
+            sid = scorer_id(fp, template, m.max_length, m.truncation, precision, spec.objective.kind == "dpo")
             if (root / sid).is_dir():
                 known |= ScoreStore(root, sid).load()
         out[m.name] = [known[k][0] if k in known else None for k in keys]
@@ -136,7 +137,9 @@ def export_scores(spec: JobSpec, out: Path, column: str = "mean_log_llm_probs") 
         Rows written.
     """
     rows, per_model = stored_scores(spec)
-    keep = [i for i in range(len(rows)) if rows[i].messages and all(v[i] is not None for v in per_model.values())]
+    # A source with `weight` repeats its rows in the schedule; the data set holds each row once.
+    first = {rows[i].where: i for i in reversed(range(len(rows)))}
+    keep = [i for i in sorted(first.values()) if rows[i].messages and all(v[i] is not None for v in per_model.values())]
     names = list(per_model)
     matrix = torch.tensor([[per_model[n][i] for n in names] for i in keep], dtype=torch.float64).reshape(len(keep), -1)
     s_ref = aggregate_reference_scores(matrix, spec.objective.aggregation).tolist() if keep else []
@@ -146,12 +149,17 @@ def export_scores(spec: JobSpec, out: Path, column: str = "mean_log_llm_probs") 
         column: s_ref,
     } | {f"score/{n}": [per_model[n][i] for i in keep] for n in names}
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".jsonl":
-        with open(out, "w") as f:
-            for j in range(len(keep)):
-                f.write(json.dumps({k: v[j] for k, v in table.items()}, ensure_ascii=False) + "\n")
-    else:
-        pq.write_table(pa.table(table), out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # a complete file or none: never half of one
+    try:
+        if out.suffix == ".jsonl":
+            with open(tmp, "w") as f:
+                for j in range(len(keep)):
+                    f.write(json.dumps({k: v[j] for k, v in table.items()}, ensure_ascii=False) + "\n")
+        else:
+            pq.write_table(pa.table(table), tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return len(keep)
 
 
@@ -250,10 +258,16 @@ def reference_plan(spec: JobSpec) -> tuple[JobSpec, str | None]:
     Raises:
         SpecError: with `reference.mode: store` when the store lacks a score.
     """
+    if spec.objective.kind == "dpo":
+        # The trainers need the reference's log-probability sums and token counts, which the
+        # reference ranks send; they read their own scores from the store when it has them.
+        return spec, "DPO: the reference model's ranks serve its log-probabilities (from the store where it has them)"
     if spec.objective.kind != "poft" or not spec.aligned_models or spec.data.reference_score_column:
         return spec, None
     if spec.reference.mode == "online":
         return spec, "reference.mode: online: reference ranks score while the trainers train"
+    if not spec.score_store.enabled:
+        return spec, "reference ranks score every sample: score_store.enabled is false"
     covered, why = store_coverage(spec)
     if spec.reference.mode == "store" and not covered:
         raise SpecError(f"reference.mode: store, but {why}; run `poft-ds score` first or use mode auto")

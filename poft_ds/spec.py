@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from poft_ds import REPO_ROOT
+from poft_ds import SHIPPED_ROOT
 
 DEFAULT_MAX_LENGTH = 1024
 
@@ -50,7 +50,18 @@ _Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 class ModelSpec(_Strict):
     """A causal language model: where it lives and how a conversation becomes tokens."""
 
-    path: str = Field(min_length=1, description="Local model directory (config, weights, tokenizer).")
+    path: str = Field(
+        min_length=1,
+        description="Local model directory (config, weights, tokenizer), or a Hugging Face hub id (org/name) "
+        "already in the local hub cache (HF_HOME / HF_HUB_CACHE); nothing is downloaded. A local directory "
+        "of that name wins.",
+    )
+    revision: str | None = Field(
+        None,
+        min_length=1,
+        description="For a hub id: the branch, tag or commit to load (default main). The resolved spec "
+        "records the commit it resolved to.",
+    )
     chat_template: str | None = Field(
         None,
         description="Jinja chat template overriding the tokenizer's own (a string or a .jinja file).",
@@ -77,6 +88,14 @@ class ModelSpec(_Strict):
         "sdpa or eager (a block-diagonal mask) anywhere.",
     )
 
+    # The hub id `path` named before validation pointed it at the snapshot folder in the cache.
+    _hub_id: str | None = PrivateAttr(None)
+
+    @property
+    def hub_id(self) -> str | None:
+        """The hub id this model was named by, or None for a local directory."""
+        return self._hub_id
+
 
 class AlignedModelSpec(ModelSpec):
     """A frozen aligned (reference) model that scores every sample on its own ranks."""
@@ -96,7 +115,7 @@ class AlignedModelSpec(ModelSpec):
 class SourceSpec(_Strict):
     """One data file and how to read it."""
 
-    path: str = Field(min_length=1, description="JSONL, JSON, parquet or arrow file.")
+    path: str = Field(min_length=1, description="JSONL, JSON, CSV/TSV, parquet or arrow file.")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = Field(
         "auto", description="Row format; `auto` detects it row by row."
     )
@@ -111,7 +130,11 @@ class DataSpec(_Strict):
 
     train_files: list[str | SourceSpec] = Field(min_length=1, description="Data sources (a mixture when several).")
     max_bad_fraction: float = Field(
-        0.0, ge=0.0, le=1.0, description="Refuse to start when more than this fraction of rows is unusable."
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="Refuse to start when more than this fraction of rows is unusable (0: any bad row stops "
+        "the job). Up to it, unusable rows are skipped and each is reported by file:line in data_report/.",
     )
     reference_score_column: str | None = Field(
         None,
@@ -144,12 +167,32 @@ class DataSpec(_Strict):
 class ObjectiveSpec(_Strict):
     """What the target model is trained to do."""
 
-    kind: Literal["poft", "sft"] = Field("poft", description="`poft` (needs aligned models) or plain `sft`.")
-    beta: float = Field(1.0, gt=0.0, description="PoFT scale on the score margin (paper: 1).")
+    kind: Literal["poft", "sft", "dpo"] = Field(
+        "poft",
+        description="`poft` (needs aligned models), plain `sft`, or `dpo` on preference pairs (its reference "
+        "model is aligned_models' one entry, by default the target's starting weights).",
+    )
+    beta: float | None = Field(
+        None,
+        gt=0.0,
+        description="PoFT: scale on the score margin (default 1, the paper's); DPO: strength of the pull to the "
+        "reference (default 0.1, TRL's).",
+    )
     gamma: float = Field(0.0, description="PoFT offset added to the margin (paper: 0).")
     aggregation: Literal["mean", "min", "max"] = Field(
         "mean", description="How the K aligned models' scores combine into s_ref (paper: mean)."
     )
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="DPO: `sigmoid` (the DPO paper) or `ipo` (on mean log-probabilities), as TRL names them."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="DPO (sigmoid): assumed fraction of flipped preferences (conservative DPO)."
+    )
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether reference ranks (or stored or precomputed reference scores) feed the loss."""
+        return self.kind in ("poft", "dpo")
 
 
 class TrainingSpec(_Strict):
@@ -243,7 +286,11 @@ class TimeoutsSpec(_Strict):
 class ScoreStoreSpec(_Strict):
     """Where reference scores are kept so that no score is ever computed twice."""
 
-    enabled: bool = True
+    enabled: bool = Field(
+        True,
+        description="Keep reference scores (false: the reference ranks score every sample of every run and "
+        "epoch, and nothing is read from or written to the store).",
+    )
     dir: str | None = Field(
         None, description="Store directory; share it between runs (default: <run_dir>/score_store)."
     )
@@ -273,7 +320,9 @@ class LoggingSpec(_Strict):
     eval_every_steps: int = Field(
         100, ge=1, description="Evaluate on the held-out rows (data.eval_fraction) every N steps and at the end."
     )
-    dump_scores: bool = Field(False, description="Write every sample's per-model scores to scores.jsonl.")
+    dump_scores: bool = Field(
+        False, description="Write every sample's target and per-model scores to scores/trainer<N>.jsonl."
+    )
     heartbeat_s: float = Field(
         10.0,
         gt=0,
@@ -436,6 +485,12 @@ class JobSpec(_Strict):
     def public_dump(self) -> dict[str, Any]:
         """The resolved spec as plain data, with every `${VAR}` value shown as its reference."""
         data = self.model_dump(mode="json")
+        # A hub model is written as its id and the commit it resolved to: a spec that loads anywhere
+        # with that cache, and says exactly which weights ran.
+        models = [(data["model"], self.model)] + list(zip(data["aligned_models"], self.aligned_models))
+        for dumped, m in models:
+            if m.hub_id is not None:
+                dumped["path"] = m.hub_id
         for dotted, raw in self._templated.items():
             node: Any = data
             *parents, leaf = _split_path(dotted)
@@ -463,7 +518,7 @@ class JobSpec(_Strict):
 
     @property
     def topology_reference_ranks(self) -> int:
-        return sum(m.ranks for m in self.aligned_models) if self.objective.kind == "poft" else 0
+        return sum(m.ranks for m in self.aligned_models) if self.objective.uses_reference else 0
 
     @property
     def reference_ranks(self) -> int:
@@ -481,14 +536,27 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> JobSpec:
-        _fill_max_lengths(self)
+        _fill_defaults(self)
         problems = _cross_field_problems(self, bad=set())
         if problems:
             raise ValueError("; ".join(p.strip() for p in problems))
         return self
 
 
-def _fill_max_lengths(spec: JobSpec) -> None:
+DPO_REFERENCE = "reference"
+
+
+def _fill_defaults(spec: JobSpec) -> None:
+    """Defaults that depend on other fields: the objective's beta, DPO's reference model, lengths."""
+    if spec.objective.beta is None:
+        spec.objective.beta = 0.1 if spec.objective.kind == "dpo" else 1.0
+    if spec.objective.kind == "dpo" and not spec.aligned_models:
+        # DPO's reference policy is, by default, the policy's starting point: the target as loaded.
+        m = spec.model
+        same = ("path", "revision", "chat_template", "max_length", "truncation", "trust_remote_code")
+        spec.aligned_models = [
+            AlignedModelSpec(name=DPO_REFERENCE, **{f: getattr(m, f) for f in same}),
+        ]
     # Aligned models score the same samples as the target: by default over the same length.
     if spec.model.max_length is None:
         spec.model.max_length = DEFAULT_MAX_LENGTH
@@ -527,6 +595,37 @@ def _cross_field_problems(spec: JobSpec, bad: set[str]) -> list[str]:
             )
         if spec.aligned_models and spec.data.reference_score_column:
             problems.append("data.reference_score_column: precomputed scores replace aligned_models; set only one")
+    if have("score_store", "reference", "data", "objective") and not spec.score_store.enabled:
+        # Without the store, scores exist only while the reference ranks compute them.
+        store_users = [
+            ("reference.mode", "'store' trains from stored scores", spec.reference.mode == "store"),
+            (
+                "data.filter_min_score",
+                "filters by stored scores",
+                spec.data.filter_min_score is not None and not spec.data.reference_score_column,
+            ),
+            (
+                "data.filter_min_quantile",
+                "filters by stored scores",
+                spec.data.filter_min_quantile is not None and not spec.data.reference_score_column,
+            ),
+        ]
+        for field, why, used in store_users:
+            if used and spec.objective.kind == "poft":
+                problems.append(f"{field}: {why}, but score_store.enabled is false")
+    if have("objective", "aligned_models", "data") and spec.objective.kind == "dpo":
+        if len(spec.aligned_models) > 1:
+            problems.append(
+                f"aligned_models: DPO has one reference model, got {len(spec.aligned_models)} "
+                "(leave aligned_models out to use the target's starting weights)"
+            )
+        if spec.data.reference_score_column:
+            problems.append(
+                "data.reference_score_column: DPO's reference log-probabilities come from its reference model"
+            )
+        for name in ("filter_min_score", "filter_min_quantile"):
+            if getattr(spec.data, name) is not None:
+                problems.append(f"data.{name}: score filters are PoFT's; DPO trains on every usable pair")
     if have("objective", "aligned_models") and spec.objective.kind == "sft" and spec.aligned_models:
         problems.append(
             "aligned_models: objective.kind 'sft' uses no aligned models; remove them or use objective.kind 'poft'"
@@ -556,7 +655,7 @@ def _cross_field_problems(spec: JobSpec, bad: set[str]) -> list[str]:
                     "samples as fit; leave micro_batch_size at 1"
                 )
         per_node = spec.topology.procs_per_node
-        if spec.objective.kind == "poft":
+        if spec.objective.uses_reference:
             first = spec.trainer_ranks
             for i, m in enumerate(spec.aligned_models):
                 last = first + m.ranks - 1
@@ -700,7 +799,7 @@ def resolve_ds_config(value: str, base: Path) -> Path:
     candidate = Path(resolve_path(value, base))
     if candidate.is_file():
         return candidate
-    shipped = REPO_ROOT / "ds_configs" / value
+    shipped = SHIPPED_ROOT / "ds_configs" / value
     if shipped.is_file():
         return shipped
     raise SpecError(f"deepspeed: config file {value!r} not found next to the spec nor in {shipped.parent}")
@@ -732,10 +831,60 @@ def _looks_like_path(value: str) -> bool:
     return value.endswith((".jinja", ".jinja2", ".j2")) or ("\n" not in value and "{" not in value)
 
 
+# What `huggingface_hub` accepts as a repo id: `name` or `org/name`, no `..` or `--`.
+_HUB_ID = re.compile(r"^(?!.*(\.\.|--))[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+
+
+def resolve_hub_model(repo_id: str, revision: str | None) -> Path:
+    """The snapshot folder of a hub model in the local Hugging Face cache; never downloads.
+
+    The cache is the one `huggingface_hub` uses (`HF_HUB_CACHE`, else `HF_HOME/hub`). Its folder
+    name is the commit the revision (branch, tag or commit) points to.
+
+    Raises:
+        FileNotFoundError: the model, or that revision of it, is not in the cache (named in the message).
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError) as e:
+        raise FileNotFoundError(constants.HF_HUB_CACHE) from e
+
+
+def _resolve_model_path(where: str, m: ModelSpec, base: Path) -> str | None:
+    """Point `m.path` at a local folder: the directory it names, or its hub id's cached snapshot.
+
+    Returns:
+        A problem line, or None.
+    """
+    local = resolve_path(m.path, base)
+    if Path(local).exists() or not _HUB_ID.fullmatch(m.path):
+        if m.revision is not None:
+            return f"  {where}.revision: applies to hub ids; {local} is a local path"
+        m.path = local
+        return None
+    try:
+        snapshot = resolve_hub_model(m.path, m.revision)
+    except FileNotFoundError as e:
+        rev = f" --revision {m.revision}" if m.revision else ""
+        return (
+            f"  {where}.path: {m.path!r} is neither a local model directory ({local}) nor a hub model "
+            f"in the Hugging Face cache {e}{f' at revision {m.revision!r}' if m.revision else ''}; poft-ds "
+            f"never downloads: fetch it first with `hf download {m.path}{rev}` (HF_HOME or HF_HUB_CACHE "
+            "choose the cache)"
+        )
+    m._hub_id, m.path, m.revision = m.path, str(snapshot), snapshot.name
+    return None
+
+
 def _check_model_dir(where: str, m: ModelSpec, base: Path) -> list[str]:
     """Resolve a model's path and chat template file; name what is missing or unreadable."""
     problems = []
-    m.path = resolve_path(m.path, base)
+    unresolved = _resolve_model_path(where, m, base)
+    if unresolved:
+        return [unresolved]
     folder = Path(m.path)
     config = folder / "config.json"
     if not folder.is_dir():
@@ -838,6 +987,18 @@ def _check_deepspeed(spec: JobSpec, bad: set[str], broken: set[str]) -> list[str
     return problems
 
 
+def read_spec_file(path: Path) -> dict[str, Any]:
+    """A job spec file's YAML mapping (duplicated keys refused, naming their line)."""
+    try:
+        with path.open() as f:
+            raw = yaml.load(f, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise SpecError(f"{path}: cannot read the job spec: {e}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a job spec is a YAML mapping, got {type(raw).__name__}")
+    return raw
+
+
 def load_spec(path: str | os.PathLike[str], check_templates: Callable[[JobSpec], None] | None = None) -> JobSpec:
     """Load, interpolate, validate and path-resolve a job spec, reporting every problem at once.
 
@@ -856,13 +1017,27 @@ def load_spec(path: str | os.PathLike[str], check_templates: Callable[[JobSpec],
         SpecError: naming the file and every problem with its field path.
     """
     path = Path(path)
-    try:
-        with path.open() as f:
-            raw = yaml.load(f, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise SpecError(f"{path}: cannot read the job spec: {e}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: a job spec is a YAML mapping, got {type(raw).__name__}")
+    raw = read_spec_file(path)
+    if "stages" in raw:
+        raise SpecError(
+            f"{path}: a staged job (stages:) runs one job per stage; `poft-ds launch` and `poft-ds validate` "
+            "take it, and each stage's own spec is written to <run_dir>/<stage>/job.yaml"
+        )
+    return spec_from_mapping(raw, path.resolve().parent, str(path), check_templates)
+
+
+def spec_from_mapping(
+    raw: dict[str, Any], base: Path, where: str, check_templates: Callable[[JobSpec], None] | None = None
+) -> JobSpec:
+    """Validate a job spec given as a YAML mapping (see `load_spec`).
+
+    Args:
+        raw: The mapping, `${VAR}` references not yet filled.
+        base: The folder relative paths are resolved against.
+        where: What to name in messages (the file, or a stage of it).
+        check_templates: As in `load_spec`.
+    """
+    path = where
     missing: list[str] = []
     templated: dict[str, str] = {}
     raw = _interpolate(raw, "", missing, templated)
@@ -873,10 +1048,10 @@ def load_spec(path: str | os.PathLike[str], check_templates: Callable[[JobSpec],
     bad = {n for n, f in JobSpec.model_fields.items() if n not in good and (n in raw or f.is_required())}
     spec = JobSpec.model_construct(**good)  # every field given has been validated above
     spec._templated = templated
-    if not bad & {"model", "aligned_models"}:
-        _fill_max_lengths(spec)
+    if not bad & {"model", "aligned_models", "objective"}:
+        _fill_defaults(spec)
     problems += _cross_field_problems(spec, bad)
-    path_problems, broken = _check_paths(spec, path.resolve().parent, bad)
+    path_problems, broken = _check_paths(spec, base, bad)
     problems += path_problems
     problems += _check_deepspeed(spec, bad, broken)
     if check_templates is not None and not bad & {"model", "aligned_models"}:

@@ -8,7 +8,9 @@
   * `aligned_zephyr/` a 2-layer Llama on a *different* tokenizer (other vocabulary and special
                      tokens) with the zephyr chat template, trained the same way;
   * `data/train.jsonl` synthetic arithmetic chats: single- and multi-turn, some with a system
-                     prompt, and some noisy rows with wrong answers.
+                     prompt, and some noisy rows with wrong answers;
+  * `data/preferences.jsonl` arithmetic preference pairs (right answer chosen, wrong rejected)
+                     in the layouts of TRL and UltraFeedback, for DPO.
 
 Everything is saved with `save_pretrained`, so the real loading code runs on it.
 """
@@ -133,6 +135,51 @@ def _save(folder: Path, model: LlamaForCausalLM, tok: PreTrainedTokenizerFast) -
     tok.save_pretrained(folder)
 
 
+def synthetic_preferences(n: int, seed: int) -> list[dict]:
+    """Arithmetic preference pairs: the chosen answer is right, the rejected one wrong and hedged.
+
+    The layouts users bring, in turn: TRL's strings (prompt/chosen/rejected), TRL's message
+    lists, UltraFeedback-binarized whole conversations, and a multi-turn prompt; some contents
+    carry leading or trailing whitespace.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(1, 30), rng.randint(1, 30)
+        op = rng.choice(list(OPS))
+        right = OPS[op](a, b)
+        wrong = right + rng.randint(1, 9) * rng.choice([-1, 1])
+        q = f"What is {a} {op} {b}?" + (" " if i % 5 == 0 else "")
+        # The wrong answers hedge, as dispreferred responses often do: a preference a tiny model can learn.
+        good, bad = f"{a} {op} {b} is {right}.", (" " if i % 3 == 0 else "") + f"{a} {op} {b} is {wrong}, I guess."
+        user = {"role": "user", "content": q}
+        layout = i % 4
+        if layout == 0:
+            row = {"prompt": q, "chosen": good, "rejected": bad}
+        elif layout == 1:
+            row = {
+                "prompt": [user],
+                "chosen": [{"role": "assistant", "content": good}],
+                "rejected": [{"role": "assistant", "content": bad}],
+            }
+        elif layout == 2:
+            row = {
+                "prompt": q,
+                "chosen": [user, {"role": "assistant", "content": good}],
+                "rejected": [user, {"role": "assistant", "content": bad}],
+            }
+        else:
+            earlier = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "\nHi, ask away. "}]
+            row = {
+                "system": rng.choice(SYSTEM_PROMPTS),
+                "prompt": [*earlier, user],
+                "chosen": good,
+                "rejected": bad,
+            }
+        rows.append({"id": f"p{i:05d}", **row})
+    return rows
+
+
 def build_assets(folder: str | Path, n_rows: int = 192, seed: int = 0, fit_steps: int = 40) -> Path:
     """Write the tiny models and data set under `folder` (see the module docstring).
 
@@ -150,6 +197,9 @@ def build_assets(folder: str | Path, n_rows: int = 192, seed: int = 0, fit_steps
     (folder / "data").mkdir(parents=True, exist_ok=True)
     with open(folder / "data" / "train.jsonl", "w") as f:
         for r in rows:
+            f.write(json.dumps(r) + "\n")
+    with open(folder / "data" / "preferences.jsonl", "w") as f:
+        for r in synthetic_preferences(n_rows, seed + 7):
             f.write(json.dumps(r) + "\n")
     clean = [r for r in rows if not r["noisy"]]
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

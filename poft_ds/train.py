@@ -1,4 +1,4 @@
-"""The trainer recipe: ZeRO-3 PoFT (or SFT) training of the target model.
+"""The trainer recipe: ZeRO-3 PoFT (or SFT, or DPO) training of the target model.
 
 Per optimizer step, each trainer rank:
   1. receives the aligned models' scores of its samples from the reference ranks (PoFT only);
@@ -13,6 +13,11 @@ global batch's response tokens (so micro-batch size, trainer count and length gr
 nothing; transformers fixed the same problem with `num_items_in_batch`). DeepSpeed divides each
 micro-batch's loss by the accumulation steps and averages gradients over trainer ranks, so each
 micro-batch passes its share of the global sum times `grad_accum x trainers`.
+
+DPO runs on the same loop: a sample is a preference pair (rows 2i and 2i+1 of the data, the
+chosen and rejected conversations, always in one micro-batch), the frozen reference model's
+ranks send each pair's log-probability sums, and the loss is DPO's mean over the global batch's
+pairs (`poft_ds.loss.dpo_loss`), logged under TRL's metric names.
 """
 
 from __future__ import annotations
@@ -45,9 +50,10 @@ from poft_ds.distributed import (
     wait_for,
 )
 from poft_ds.ds_config import resolve_precision, trainer_config
+from poft_ds.environment import model_records, write_environment
 from poft_ds.files import atomic_write
 from poft_ds.loggers import MetricsLogger
-from poft_ds.loss import aggregate_reference_scores, poft_loss
+from poft_ds.loss import aggregate_reference_scores, dpo_loss, poft_loss
 from poft_ds.models import load_scorer, rank_table, verify_head, write_rank_record, write_rank_summary
 from poft_ds.rank_logs import Progress
 from poft_ds.spec import JobSpec
@@ -88,11 +94,19 @@ def build_engine(spec: JobSpec, worlds: Worlds, precision: str, total_steps: int
 
     engine, *_ = deepspeed.initialize(model=scorer, optimizer=optimizer, lr_scheduler=make_schedule, config=ds_config)
     verify_head(engine, worlds, precision, "target")
-    write_rank_record(spec.run_dir, worlds, spec.model.path, engine.module, type(optimizer).__name__)
+    write_rank_record(
+        spec.run_dir, worlds, spec.model.hub_id or spec.model.path, engine.module, type(optimizer).__name__
+    )
     return engine
 
 
 REPORTED = 4  # a score message ends with the reference rank's work: passes, new scores, busy s, tokens
+
+
+def score_width(spec: JobSpec) -> int:
+    """Values per sample and aligned model in a score message: PoFT's score, or DPO's pair
+    (chosen log-probability sum, its tokens, rejected sum, its tokens)."""
+    return 4 if spec.objective.kind == "dpo" else 1
 
 
 class ScoreReceiver:
@@ -120,7 +134,7 @@ class ScoreReceiver:
             for j in range(model.ranks):
                 shared = shared_positions(self.data.schedule, step, trainer, model.ranks, j)
                 if shared:
-                    buf = torch.empty(len(shared) + REPORTED, dtype=torch.float64)
+                    buf = torch.empty(len(shared) * score_width(self.spec) + REPORTED, dtype=torch.float64)
                     what = f"step {step + 1} scores of aligned model '{model.name}' (reference rank {j}) from global rank {src + j}"
                     works.append((k, shared, buf, self.worlds.irecv(buf, src + j), what))
             src += model.ranks
@@ -133,7 +147,8 @@ class ScoreReceiver:
         scores wait for the reference ranks to load their models (start-up).
 
         Returns:
-            (scores, counts): [samples of this trainer, K] float64 scores in its micro-batch order,
+            (scores, counts): [samples of this trainer, K x width] float64 scores in its micro-batch
+            order (`score_width` values per model),
             and [REPORTED] = the reference ranks' work on the step reported to this trainer: forward
             passes, newly scored samples, busy seconds, real tokens scored.
         """
@@ -149,10 +164,11 @@ class ScoreReceiver:
         t = spec.timeouts
         wait = (t.startup_s, "timeouts.startup_s") if step == self.start else (t.step_s, "timeouts.step_s")
         where = {p: i for i, p in enumerate(positions)}
-        scores = torch.full((len(positions), len(spec.aligned_models)), float("nan"), dtype=torch.float64)
+        w = score_width(spec)
+        scores = torch.full((len(positions), len(spec.aligned_models) * w), float("nan"), dtype=torch.float64)
         for k, shared, buf, work, what in self.posted.pop(step):
             wait_for(work, self.worlds, what, *wait)
-            scores[[where[p] for p in shared], k] = buf[:-REPORTED]
+            scores[[where[p] for p in shared], k * w : (k + 1) * w] = buf[:-REPORTED].view(len(shared), w)
             counts += buf[-REPORTED:]
         return scores, counts
 
@@ -184,6 +200,12 @@ class StepStats:
         "ref_busy_s",
         "ref_tokens",
         "nonfinite_micro_batches",
+        # DPO: sums over the step's pairs.
+        "rewards_chosen",
+        "rewards_rejected",
+        "rewards_correct",
+        "logps_chosen",
+        "logps_rejected",
     )
     PER_SAMPLE = ("weight", "s_target", "s_ref", "trained")
 
@@ -323,7 +345,7 @@ def _train_steps(
     """The optimizer steps of the schedule from `start`, with logging and periodic checkpoints."""
     rank = worlds.role.rank
     schedule = data.schedule
-    poft = spec.objective.kind == "poft"
+    poft, dpo = spec.objective.kind == "poft", spec.objective.kind == "dpo"
     policy = spec.training.on_nonfinite
     packed = schedule.max_tokens is not None
     # A rank with fewer samples than the busiest runs empty passes on a two-token batch.
@@ -339,7 +361,7 @@ def _train_steps(
         micro_batches = schedule.micro_batches(step, rank)
         step_tokens = int(response_tokens[rows].sum())  # SFT's denominator: the whole global batch
         stats = StepStats(len(names), schedule.trainers, schedule.global_batch, worlds.device)
-        if poft:
+        if poft or dpo:
             ref, counts = receiver.take(step, rows)
             stats.add(
                 ref_forward_passes=counts[0], ref_new_scores=counts[1], ref_busy_s=counts[2], ref_tokens=counts[3]
@@ -348,12 +370,32 @@ def _train_steps(
         done = 0  # samples of this trainer's step already run
         for positions in micro_batches:
             idx = [rows[p] for p in positions]
-            samples = [data.samples[i] for i in idx]
+            # A DPO pair is its chosen row i and rejected row i + 1, run side by side.
+            samples = [data.samples[r] for i in idx for r in ((i, i + 1) if dpo else (i,))]
             cpu_batch = (pack(samples) if packed else collate(samples, pad)) if idx else empty
             batch = cpu_batch.to(worlds.device)
             logp_sum, n_tokens = engine(*batch.inputs())
+            if dpo:
+                logp_sum, n_tokens, logp_rejected, n_rejected = (
+                    logp_sum[0::2],
+                    n_tokens[0::2],
+                    logp_sum[1::2],
+                    n_tokens[1::2],
+                )
             s_target = logp_sum / n_tokens
-            if poft:
+            if dpo:
+                ref_m = ref[done : done + len(idx)].to(s_target.device)  # chosen sum, tokens, rejected sum, tokens
+                o = spec.objective
+                if o.loss_type == "ipo":  # IPO compares mean log-probabilities
+                    policy_pair = (s_target, logp_rejected / n_rejected)
+                    ref_pair = (ref_m[:, 0] / ref_m[:, 1], ref_m[:, 2] / ref_m[:, 3])
+                else:
+                    policy_pair, ref_pair = (logp_sum, logp_rejected), (ref_m[:, 0], ref_m[:, 2])
+                per_sample, chosen_r, rejected_r = dpo_loss(
+                    *policy_pair, *ref_pair, o.beta, o.loss_type, o.label_smoothing
+                )
+                loss = per_sample.sum() / schedule.global_batch  # this micro-batch's part of the mean
+            elif poft:
                 ref_m = ref[done : done + len(idx)]
                 s_ref = aggregate_reference_scores(ref_m, spec.objective.aggregation).to(s_target.device)
                 per_sample, weight = poft_loss(s_target, s_ref, spec.objective.beta, spec.objective.gamma)
@@ -373,6 +415,14 @@ def _train_steps(
             if idx:
                 trained = finite.double().expand(len(idx))
                 stats.set_samples(positions, s_target=s_target, trained=trained)
+            if dpo:
+                stats.add(
+                    rewards_chosen=chosen_r.sum(),
+                    rewards_rejected=rejected_r.sum(),
+                    rewards_correct=(chosen_r > rejected_r).sum(),
+                    logps_chosen=logp_sum.detach().sum(),
+                    logps_rejected=logp_rejected.detach().sum(),
+                )
             if poft:
                 stats.add(weight=(weight * finite).sum(), s_ref=s_ref.sum())
                 stats.add_model_scores(ref_m.to(stats.v.device))
@@ -397,7 +447,12 @@ def _train_steps(
                     rec = {"step": step + 1, "row": i, "where": data.where[i], "s_target": values[j]}
                     if poft:
                         rec["scores"] = dict(zip(names, ref_m[j].tolist()))
+                    if dpo:
+                        rec["logps"] = {"chosen": logp_sum[j].item(), "rejected": logp_rejected[j].item()}
+                        rec["ref_logps"] = {"chosen": ref_m[j, 0].item(), "rejected": ref_m[j, 2].item()}
                     dump.write(json.dumps(rec) + "\n")
+        if dump is not None:
+            dump.flush()  # a step's lines survive a kill (and a resume rewrites the steps after its checkpoint)
         stats.set_peak_memory(rank, peak_memory_bytes(worlds.device))
         s = stats.reduced()
         nonfinite = int(s["nonfinite_micro_batches"])
@@ -455,6 +510,17 @@ def _train_steps(
             if step == start:
                 rec["time_to_first_step_s"] = time.time() - process_start_time()
             rec |= evals
+            if dpo:  # TRL's names
+                rec |= {
+                    "rewards/chosen": s["rewards_chosen"] / n,
+                    "rewards/rejected": s["rewards_rejected"] / n,
+                    "rewards/accuracies": s["rewards_correct"] / n,
+                    "rewards/margins": (s["rewards_chosen"] - s["rewards_rejected"]) / n,
+                    "logps/chosen": s["logps_chosen"] / n,
+                    "logps/rejected": s["logps_rejected"] / n,
+                    "ref_forward_passes": int(s["ref_forward_passes"]),
+                    "ref_new_scores": int(s["ref_new_scores"]),
+                }
             if poft:
                 rec |= {"poft_weight": s["weight"] / n, "s_ref": s["s_ref"] / n} | weight_metrics(s)
                 rec |= {"ref_forward_passes": int(s["ref_forward_passes"]), "ref_new_scores": int(s["ref_new_scores"])}
@@ -475,6 +541,10 @@ def _train_steps(
             progress.update(step + 1)
             if step == start:  # by now every rank has loaded its model and written its record
                 progress.write("[poft-ds] ranks:\n" + rank_table(spec.run_dir, worlds.identity.world_size))
+                env = write_environment(spec.run_dir, process_start_time(), model_records(spec))
+                differs = json.loads(env.read_text())["launches"][-1]["software_differs"]
+                if differs:
+                    print(f"[poft-ds] warning: software differs between ranks: {'; '.join(differs)}", file=sys.stderr)
         if heartbeat is not None:
             heartbeat.update(step=step + 1, epoch=schedule.epoch_of(step))
         if stop and not last:

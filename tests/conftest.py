@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -89,9 +90,14 @@ def write_spec(spec: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def launch(spec_path: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run `poft-ds launch` on a spec, as a user would, and return the finished process."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+def launch(
+    spec_path: Path, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `poft-ds launch` on a spec, as a user would, and return the finished process.
+
+    `env` adds environment variables to the launch's.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "poft_ds.cli", "launch", str(spec_path)],
         capture_output=True,
@@ -113,17 +119,58 @@ def start_cli(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def run_job(spec: dict[str, Any], tmp_path: Path, name: str = "job.yaml", log: Path | None = None) -> Path:
+def run_job(
+    spec: dict[str, Any],
+    tmp_path: Path,
+    name: str = "job.yaml",
+    log: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Path:
     """Launch a job, fail the test with its output if it fails, and return its run directory.
 
-    With `log`, the job's console output (stdout, then stderr) is written there.
+    With `log`, the job's console output (stdout, then stderr) is written there; `env` adds
+    environment variables.
     """
-    proc = launch(write_spec(spec, tmp_path / name))
+    proc = launch(write_spec(spec, tmp_path / name), env=env)
     if log is not None:
         log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         pytest.fail(f"job failed (exit {proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return Path(spec["run_dir"])
+
+
+def hub_cache(root: Path, models: dict[str, Path], tags: dict[str, dict[str, Path]] | None = None) -> dict[str, str]:
+    """Put local model folders into a Hugging Face hub cache at `root`, laid out as `hf download` leaves it.
+
+    `models--<org>--<name>/blobs/<sha256>` hold the files, `snapshots/<commit>/<file>` are relative
+    links to them, `refs/main` names the commit. `tags` adds, per id, tag -> another folder (its own
+    commit, `refs/<tag>`).
+
+    Returns:
+        Each `id` and `id@tag` -> its commit.
+    """
+    commits = {}
+    versions = [(repo, "main", folder) for repo, folder in models.items()]
+    versions += [(repo, tag, folder) for repo, by_tag in (tags or {}).items() for tag, folder in by_tag.items()]
+    for repo, ref, folder in versions:
+        base = root / ("models--" + repo.replace("/", "--"))
+        files = sorted(f for f in folder.rglob("*") if f.is_file())
+        digest = hashlib.sha1(repo.encode() + ref.encode())
+        for f in files:
+            blob = hashlib.sha256(f.read_bytes()).hexdigest()
+            digest.update(f"{f.relative_to(folder)}:{blob}".encode())
+            (base / "blobs").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, base / "blobs" / blob)
+        commit = digest.hexdigest()
+        for f in files:
+            link = base / "snapshots" / commit / f.relative_to(folder)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            blob = hashlib.sha256(f.read_bytes()).hexdigest()
+            link.symlink_to(os.path.relpath(base / "blobs" / blob, link.parent))
+        (base / "refs").mkdir(parents=True, exist_ok=True)
+        (base / "refs" / ref).write_text(commit)
+        commits[repo if ref == "main" else f"{repo}@{ref}"] = commit
+    return commits
 
 
 def status_of(run_dir: Path, *extra: str, expect_exit: int | None = None) -> dict[str, Any]:

@@ -167,6 +167,17 @@ def test_every_format_becomes_the_same_conversation(tmp_path: Path) -> None:
     (tmp_path / "alpaca_input.jsonl").write_text(json.dumps({"instruction": "Sum", "input": "1 2", "output": "3"}))
     (row,) = read_source(str(tmp_path / "alpaca_input.jsonl"))
     assert row.messages == [{"role": "user", "content": "Sum\n\n1 2"}, {"role": "assistant", "content": "3"}]
+    # Spreadsheet exports: CSV (quoted cells with commas, whitespace kept) and TSV, rows named by line.
+    (tmp_path / "alpaca.csv").write_text(
+        'instruction,input,output\nSay hi,,hi\n" Add, please ",1 2,"3 "\nEmpty answer,x,\n'
+    )
+    rows = read_source(str(tmp_path / "alpaca.csv"))
+    assert rows[0].messages == [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    assert rows[1].messages[0]["content"] == " Add, please \n\n1 2" and rows[1].messages[1]["content"] == "3 "
+    assert (rows[2].where, rows[2].problem is not None) == (f"{tmp_path / 'alpaca.csv'}:4", True)
+    (tmp_path / "pc.tsv").write_text("prompt\tcompletion\nSay hi\thi\n")
+    (row,) = read_source(str(tmp_path / "pc.tsv"))
+    assert row.messages == [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     (tmp_path / "sharegpt_bad.jsonl").write_text(json.dumps({"conversations": [{"from": "alien", "value": "x"}]}))
     (row,) = read_source(str(tmp_path / "sharegpt_bad.jsonl"), "sharegpt")
     assert row.problem == "turn 1: unknown role 'alien' (sharegpt)"
@@ -284,3 +295,67 @@ def test_tokenization_is_cached_by_content(assets: Path, tmp_path: Path) -> None
     assert tokenize_rows(rows, Counting(tok, 40), tmp_path)[0] == cut
     tokenize_rows(rows, Counting(tok, 64), tmp_path)  # another max length: another entry
     assert Counting.calls == 57 and len([p for p in tmp_path.iterdir() if p.is_dir()]) == 3
+
+
+def test_preference_pairs_in_every_common_layout_become_chosen_and_rejected_conversations(tmp_path: Path) -> None:
+    system, q = " Be brief. ", "  What is 2 plus 2?\n"  # whitespace is content: kept as it is
+    user = {"role": "user", "content": q}
+    good, bad = {"role": "assistant", "content": " 4 "}, {"role": "assistant", "content": "5\n"}
+    records = [
+        # TRL's standard form: strings.
+        {"prompt": q, "chosen": " 4 ", "rejected": "5\n"},
+        # TRL's conversational form: a prompt list, responses continuing it.
+        {"prompt": [user], "chosen": [good], "rejected": [bad]},
+        # UltraFeedback-binarized: a prompt string and whole conversations repeating it.
+        {"prompt": q, "chosen": [user, good], "rejected": [user, bad], "score_chosen": 8.0},
+        # Whole conversations alone, with a system field.
+        {
+            "system": system,
+            "chosen": [{"role": "system", "content": system}, user, good],
+            "rejected": [{"role": "system", "content": system}, user, bad],
+        },
+        {"prompt": q, "chosen": " 4 "},
+        {"prompt": q, "chosen": [user, good], "rejected": [{"role": "user", "content": "other"}, bad]},
+        {"prompt": q, "chosen": [user], "rejected": [user, bad]},
+        {"chosen": [good], "rejected": [bad]},
+        {"messages": [user, good]},
+    ]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    rows = read_source(str(path))
+    for r in rows[:3]:
+        assert (r.problem, r.messages, r.rejected) == (None, [user, good], [user, bad])
+    sys_turn = {"role": "system", "content": system}
+    assert (rows[3].messages, rows[3].rejected) == ([sys_turn, user, good], [sys_turn, user, bad])
+    assert [r.problem for r in rows[4:8]] == [
+        "'rejected' missing",
+        "chosen and rejected follow different prompts",
+        "'chosen' does not end with an assistant turn",
+        "no prompt (no user turn before the response)",
+    ]
+    # SFT and PoFT train on the chosen conversation; DPO gets both, chosen at 2i, rejected at 2i+1.
+    assert load_rows([str(path)])[0].messages == [user, good]
+    pairs = load_rows([str(path)], pairs=True)
+    assert len(pairs) == 2 * len(records)
+    assert [(pairs[2 * i].messages, pairs[2 * i + 1].messages) for i in range(3)] == [([user, good], [user, bad])] * 3
+    assert pairs[8].problem == pairs[9].problem == "'rejected' missing"
+    assert pairs[16].problem == pairs[17].problem == "not a preference pair (no 'chosen' and 'rejected')"
+    assert pairs[17].where == f"{path}:9"
+
+
+def test_last_turn_only_masks_the_final_response_alone(assets: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(assets / "target")
+    msgs = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "\nHi there. "},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": " 4\n"},
+    ]
+
+    def trained(last_turn_only: bool) -> str:
+        s, _ = ChatTokenizer(tok, 512, last_turn_only=last_turn_only)(msgs)
+        return tok.decode([i for i, m in zip(s.input_ids, s.response_mask) if m])
+
+    # Every assistant turn and its end-of-turn token (SFT, PoFT), or the final one alone (DPO's response).
+    assert trained(False) == "\nHi there. <|im_end|> 4\n<|im_end|>"
+    assert trained(True) == " 4\n<|im_end|>"

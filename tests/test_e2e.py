@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import json
 import math
+import platform
+import socket
 from pathlib import Path
 
+import deepspeed
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import poft_ds
 from poft_ds.data.chat import ChatTokenizer
 from poft_ds.data.rows import load_rows
+from poft_ds.environment import git_commit
 from poft_ds.plot import PIXEL_SIZE
-from tests.conftest import PARTITIONED, base_spec, launch, read_metrics, run_job, status_of, write_spec
+from tests.conftest import PARTITIONED, base_spec, hub_cache, launch, read_metrics, run_job, status_of, write_spec
 from tests.test_scoring import plain_scores
 
 pytestmark = pytest.mark.distributed
@@ -51,7 +57,42 @@ def test_poft_job_trains_checkpoints_exports_and_sends_exact_scores(assets: Path
     spec = base_spec(
         assets, tmp_path / "run", logging={"dump_scores": True, "report_to": ["tensorboard"]}, deepspeed={}
     )
-    run_dir = run_job(spec, tmp_path, log=tmp_path / "console.txt")
+    # The target and one aligned model named by hub ids, found offline in a local hub cache.
+    cache = tmp_path / "hub"
+    commits = hub_cache(
+        cache, {"poft-test/target": assets / "target"}, {"poft-test/zephyr": {"v1": assets / "aligned_zephyr"}}
+    )
+    spec["model"]["path"] = "poft-test/target"
+    spec["aligned_models"][1].update(path="poft-test/zephyr", revision="v1")
+    hub_env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    run_dir = run_job(spec, tmp_path, log=tmp_path / "console.txt", env=hub_env)
+
+    # What the run ran with: versions, the commit, hosts and devices of every rank, the hub models' commits.
+    (launch,) = json.loads((run_dir / "environment.json").read_text())["launches"]
+    assert launch["software"]["packages"]["torch"] == torch.__version__
+    assert launch["software"]["packages"]["deepspeed"] == deepspeed.__version__
+    assert launch["software"]["python"] == platform.python_version()
+    assert launch["software"]["git_commit"] == git_commit() and launch["software"]["poft_ds"] == poft_ds.__version__
+    assert launch["hosts"] == [socket.gethostname()] and launch["software_differs"] == []
+    assert [(r["global_rank"], r["role"], r["device"]) for r in launch["ranks"]] == [
+        (0, "trainer", "cpu"),
+        (1, "trainer", "cpu"),
+        (2, "ref/chatml", "cpu"),
+        (3, "ref/zephyr", "cpu"),
+    ]
+    assert launch["models"]["trainer"]["hub_id"] == "poft-test/target"
+    assert launch["models"]["trainer"]["revision"] == commits["poft-test/target"]
+    assert launch["models"]["ref/zephyr"]["revision"] == commits["poft-test/zephyr@v1"]
+    assert launch["models"]["ref/chatml"] == {"path": str(assets / "aligned_chatml"), "hub_id": None, "revision": None}
+    for tag in ("step_00000003", "step_00000006"):  # each checkpoint keeps the record it was trained with
+        assert (run_dir / "checkpoints" / tag / "environment.json").read_bytes() == (
+            run_dir / "environment.json"
+        ).read_bytes()
+    resolved = yaml.safe_load((run_dir / "job.resolved.yaml").read_text())
+    assert (resolved["model"]["path"], resolved["model"]["revision"]) == (
+        "poft-test/target",
+        commits["poft-test/target"],
+    )
 
     # A quiet console: a third-party warning shows once per run, not at every step from every rank.
     console = (tmp_path / "console.txt").read_text()

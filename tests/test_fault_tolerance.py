@@ -74,8 +74,15 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
-def test_trainer_killed_mid_run_resumes_to_the_same_metrics(assets: Path, tmp_path: Path) -> None:
-    reference = read_metrics(run_job(job(assets, tmp_path / "straight"), tmp_path, "straight.yaml"))
+@pytest.fixture(scope="module")
+def straight(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `job` run uninterrupted, once for the tests that compare a disturbed run with it."""
+    folder = tmp_path_factory.mktemp("straight")
+    return run_job(job(assets, folder / "run"), folder)
+
+
+def test_trainer_killed_mid_run_resumes_to_the_same_metrics(assets: Path, tmp_path: Path, straight: Path) -> None:
+    reference = read_metrics(straight)
 
     spec = job(assets, tmp_path / "crash")
     path = write_spec(spec, tmp_path / "crash.yaml")
@@ -99,11 +106,14 @@ def test_trainer_killed_mid_run_resumes_to_the_same_metrics(assets: Path, tmp_pa
     del out
 
 
-def test_truncated_newest_checkpoint_falls_back_and_a_changed_schedule_is_refused(assets: Path, tmp_path: Path) -> None:
+def test_truncated_newest_checkpoint_falls_back_and_a_changed_schedule_is_refused(
+    assets: Path, tmp_path: Path, straight: Path
+) -> None:
     data = tmp_path / "train.jsonl"
     shutil.copy(assets / "data" / "train.jsonl", data)
     spec = job(assets, tmp_path / "run", data={"train_files": [str(data)]})
-    run_dir = run_job(spec, tmp_path)
+    # The uninterrupted run, moved here: its data is this copy's content, which is all a resume checks.
+    run_dir = Path(shutil.copytree(straight, tmp_path / "run", symlinks=True))
     reference = read_metrics(run_dir)
     newest = run_dir / "checkpoints" / "step_00000008"
     shard = max(newest.glob("*optim_states.pt"), key=lambda p: p.stat().st_size)

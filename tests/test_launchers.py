@@ -228,3 +228,13 @@ def test_slurm_sigterm_checkpoints_requeues_and_completes(slurm_cluster, assets:
     assert "Restarts=1" in info
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == list(range(1, 11))
     assert not (tmp_path / "run" / "PREEMPTED").exists()
+
+
+def test_role_map_names_the_ranks_a_launch_starts(assets: Path, tmp_path: Path) -> None:
+    from poft_ds.launchers import role_map
+
+    spec = load_spec(write_spec(base_spec(assets, tmp_path / "r"), tmp_path / "job.yaml"))
+    assert role_map(spec) == "global ranks 0-1: trainer, 2: ref/chatml, 3: ref/zephyr"
+    # A store-only launch starts the trainers alone: a failure message must not name reference ranks.
+    store_only = spec.model_copy(update={"reference": spec.reference.model_copy(update={"mode": "store"})})
+    assert store_only.world_size == 2 and role_map(store_only) == "global ranks 0-1: trainer"

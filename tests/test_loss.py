@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from poft_ds.loss import aggregate_reference_scores, poft_loss
+from poft_ds.loss import aggregate_reference_scores, dpo_loss, poft_loss
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -46,3 +46,28 @@ def test_reference_aggregation() -> None:
     torch.testing.assert_close(aggregate_reference_scores(scores, "max"), torch.tensor([-1.0, -0.5]))
     with pytest.raises(ValueError, match="median"):
         aggregate_reference_scores(scores, "median")
+
+
+@pytest.mark.parametrize(("loss_type", "label_smoothing"), [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0)])
+def test_dpo_loss_and_gradient_match_closed_forms(loss_type: str, label_smoothing: float) -> None:
+    g = torch.Generator().manual_seed(3)
+    pc, pr = ((-10 * torch.rand(32, generator=g, dtype=torch.float64)).requires_grad_() for _ in range(2))
+    rc, rr = (-10 * torch.rand(32, generator=g, dtype=torch.float64) for _ in range(2))
+    beta = 0.3
+    loss, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing)
+    loss.sum().backward()
+
+    h = (pc.detach() - rc) - (pr.detach() - rr)
+    p = 1 / (1 + torch.exp(-beta * h))  # the model's probability that the chosen response is preferred
+    if loss_type == "sigmoid":
+        expected = -(1 - label_smoothing) * torch.log(p) - label_smoothing * torch.log(1 - p)
+        # dL/dh = -beta * ((1 - eps) * (1 - p) - eps * p)
+        dh = -beta * ((1 - label_smoothing) * (1 - p) - label_smoothing * p)
+    else:
+        expected = (h - 1 / (2 * beta)) ** 2
+        dh = 2 * (h - 1 / (2 * beta))
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(pc.grad, dh, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(pr.grad, -dh, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(chosen_rewards, beta * (pc.detach() - rc))
+    torch.testing.assert_close(rejected_rewards, beta * (pr.detach() - rr))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from poft_ds.data import chat
 from poft_ds.data.schedule import Schedule
 from poft_ds.score_store import ScoreStore, model_fingerprint, sample_key, scorer_id
 from tests.conftest import base_spec, launch, launch_logs, read_metrics, start_cli, write_spec
@@ -95,6 +96,9 @@ def test_template_change_gives_a_new_scorer_and_corrupt_shards_are_ignored(asset
     assert a != scorer_id(fp, "template B", 96, "right", "fp32")
     assert a != scorer_id(fp, "template A", 97, "right", "fp32")
     assert a == scorer_id(fp, "template A", 96, "right", "fp32")
+    with pytest.MonkeyPatch.context() as mp:  # new masking rules: scores stored under the old ones are stale
+        mp.setattr(chat, "MASK_RULES", chat.MASK_RULES + 1)
+        assert a != scorer_id(fp, "template A", 96, "right", "fp32")
 
     store = ScoreStore(tmp_path / "s", a)
     k1, k2 = sample_key([{"role": "user", "content": "x"}]), sample_key([{"role": "user", "content": "y"}])
@@ -118,16 +122,29 @@ def _store_scores(store: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def test_offline_scoring_killed_halfway_resumes_without_rescoring(assets: Path, tmp_path: Path) -> None:
+def _offline_spec(assets: Path, run_dir: Path, store: Path) -> dict:
+    spec = base_spec(assets, run_dir, score_store={"dir": str(store), "flush_every_batches": 1})
+    spec["aligned_models"] = [dict(m, score_batch_size=4) for m in spec["aligned_models"]]
+    return spec
+
+
+@pytest.fixture(scope="module")
+def full_store(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A score store filled by one uninterrupted `poft-ds score` (every row, both aligned models)."""
+    folder = tmp_path_factory.mktemp("full_store")
+    full = _score(write_spec(_offline_spec(assets, folder / "run", folder / "store"), folder / "full.yaml"))
+    assert full.wait(timeout=600) == 0, full.stdout.read()
+    return folder / "store"
+
+
+def test_offline_scoring_killed_halfway_resumes_without_rescoring(
+    assets: Path, tmp_path: Path, full_store: Path
+) -> None:
     def spec_for(store: Path) -> dict:
-        spec = base_spec(assets, tmp_path / "run", score_store={"dir": str(store), "flush_every_batches": 1})
-        spec["aligned_models"] = [dict(m, score_batch_size=4) for m in spec["aligned_models"]]
-        return spec
+        return _offline_spec(assets, tmp_path / "run", store)
 
     # Reference: one uninterrupted run.
-    full = _score(write_spec(spec_for(tmp_path / "full"), tmp_path / "full.yaml"))
-    assert full.wait(timeout=600) == 0, full.stdout.read()
-    expected = _store_scores(tmp_path / "full")
+    expected = _store_scores(full_store)
     assert len(expected) == 2 and all(len(v) == 96 for v in expected.values())
 
     # Killed once some shards are on disk, then rerun.
@@ -186,11 +203,10 @@ def test_precomputed_score_column_trains_without_reference_ranks(assets: Path, t
         assert 0 < m["poft_weight"] < 1
 
 
-def test_scores_show_export_and_filter(assets: Path, tmp_path: Path) -> None:
-    spec = base_spec(assets, tmp_path / "run", score_store={"dir": str(tmp_path / "store")})
+def test_scores_show_export_and_filter(assets: Path, tmp_path: Path, full_store: Path) -> None:
+    # A store `poft-ds score` filled (read only here: the filtered run below finds every score in it).
+    spec = base_spec(assets, tmp_path / "run", score_store={"dir": str(full_store)})
     path = write_spec(spec, tmp_path / "job.yaml")
-    scoring = _score(path)
-    assert scoring.wait(timeout=600) == 0, scoring.stdout.read()
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "poft_ds.cli", *args], capture_output=True, text=True, timeout=300)
@@ -221,6 +237,13 @@ def test_scores_show_export_and_filter(assets: Path, tmp_path: Path) -> None:
     assert len(records) == 96
     for r in records:
         assert r["mean_log_llm_probs"] == pytest.approx((r["score/chatml"] + r["score/zephyr"]) / 2)
+    # A source weighted 2x repeats its rows in training; the exported data set holds each row once.
+    weighted = dict(spec, data={"train_files": [{"path": spec["data"]["train_files"][0], "weight": 2.0}]})
+    out2 = tmp_path / "weighted.jsonl"
+    again = cli("scores", "export", str(write_spec(weighted, tmp_path / "weighted.yaml")), "--out", str(out2))
+    assert again.returncode == 0, again.stderr
+    assert [json.loads(x) for x in out2.read_text().splitlines()] == records
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
 
     # Filtering by s_ref quantile, from the store: half the samples are kept, counts reported.
     filtered = dict(spec, run_dir=str(tmp_path / "filtered"))

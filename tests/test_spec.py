@@ -14,7 +14,8 @@ import pytest
 from poft_ds import REPO_ROOT
 from poft_ds.ds_config import trainer_config
 from poft_ds.spec import SpecError, load_spec
-from tests.conftest import base_spec, free_port, write_spec
+from poft_ds.stages import is_staged, read_stages, stage_spec
+from tests.conftest import base_spec, free_port, hub_cache, write_spec
 
 
 def _load(spec: dict, tmp_path: Path):
@@ -37,11 +38,19 @@ def test_valid_spec_derives_roles_and_accumulation(assets: Path, tmp_path: Path)
     ("change", "field"),
     [
         (lambda s: s["topology"].update(procs_per_node=2), "topology.procs_per_node"),
+        (
+            lambda s: s.update(score_store={"enabled": False}, reference={"mode": "store"}),
+            "reference.mode: 'store' trains from stored scores, but score_store.enabled is false",
+        ),
+        (
+            lambda s: (s.update(score_store={"enabled": False}), s["data"].update(filter_min_quantile=0.5)),
+            "data.filter_min_quantile: filters by stored scores, but score_store.enabled is false",
+        ),
         (lambda s: s["training"].update(global_batch_size=10), "training.global_batch_size"),
         (lambda s: s["training"].update(gradient_accumulation_steps=3), "training.gradient_accumulation_steps"),
         (lambda s: s["training"].update(learning_rate="fast"), "training.learning_rate"),
         (lambda s: s["training"].update(micro_batch=2), "training.micro_batch"),
-        (lambda s: s["objective"].update(kind="dpo"), "objective.kind"),
+        (lambda s: s["objective"].update(kind="kto"), "objective.kind"),
         (lambda s: s.update(aligned_models=[]), "aligned_models"),
         (lambda s: s["model"].update(path="/nonexistent/model"), "model.path"),
         (lambda s: s["data"].update(train_files=["/nonexistent.jsonl"]), "data.train_files[0]"),
@@ -158,7 +167,7 @@ def test_invalid_specs_name_the_field(assets: Path, tmp_path: Path, change, fiel
 def test_all_problems_are_reported_at_once(assets: Path, tmp_path: Path) -> None:
     spec = base_spec(assets, tmp_path / "r")
     spec["training"].update(learning_rate=-1, micro_batch_size="two")
-    spec["objective"]["kind"] = "dpo"
+    spec["objective"]["kind"] = "kto"
     spec["logging"] = {"every_step": 1}
     with pytest.raises(SpecError) as err:
         _load(spec, tmp_path)
@@ -319,8 +328,16 @@ def test_examples_validate(assets: Path, tmp_path: Path, monkeypatch) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "assets").exists():
             (folder / "assets").symlink_to(assets)
-        spec = load_spec(shutil.copy(path, folder / path.name))
-        assert spec.trainer_ranks >= 1
+        copy = shutil.copy(path, folder / path.name)
+        if is_staged(copy):  # every stage, the later ones checked against the first one's model
+            stages, base = read_stages(copy)
+            specs = [stage_spec(stage, base, str(copy))[0] for stage in stages]
+            assert [s.objective.kind for s in specs] == ["poft", "dpo"] and specs[1].aligned_models[
+                0
+            ].name == "reference"
+        else:
+            specs = [load_spec(copy)]
+        assert all(spec.trainer_ranks >= 1 for spec in specs)
 
 
 def test_launcher_world_that_differs_from_the_spec_is_refused_by_every_rank(assets: Path, tmp_path: Path) -> None:
@@ -344,3 +361,71 @@ def test_launcher_world_that_differs_from_the_spec_is_refused_by_every_rank(asse
     )
     assert proc.returncode != 0
     assert "launcher started 3 processes but the spec describes 4" in proc.stdout + proc.stderr
+
+
+def test_hub_ids_resolve_offline_in_the_local_cache_and_a_missing_one_names_the_fix(
+    assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    commits = hub_cache(
+        cache,
+        {"poft-test/tiny-target": assets / "target", "poft-test/zephyr": assets / "aligned_zephyr"},
+        tags={"poft-test/zephyr": {"v1": assets / "aligned_chatml"}},
+    )
+    # What HF_HUB_CACHE / HF_HOME set when huggingface_hub is imported (the e2e job sets the variables).
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    spec = base_spec(assets, tmp_path / "run")
+    spec["model"]["path"] = "poft-test/tiny-target"
+    spec["aligned_models"][1].update(path="poft-test/zephyr", revision="v1")
+    loaded = _load(spec, tmp_path)
+    zephyr = Path(loaded.aligned_models[1].path)  # the folder the ranks load: the tag's commit, not main's
+    assert zephyr == cache / "models--poft-test--zephyr" / "snapshots" / commits["poft-test/zephyr@v1"]
+    assert (zephyr / "config.json").read_bytes() == (assets / "aligned_chatml" / "config.json").read_bytes()
+    # The resolved spec names each hub model by its id and the commit its revision pointed to...
+    resolved = loaded.public_dump()
+    assert (resolved["model"]["path"], resolved["model"]["revision"]) == (
+        "poft-test/tiny-target",
+        commits["poft-test/tiny-target"],
+    )
+    assert (resolved["aligned_models"][1]["path"], resolved["aligned_models"][1]["revision"]) == (
+        "poft-test/zephyr",
+        commits["poft-test/zephyr@v1"],
+    )
+    assert resolved["aligned_models"][0]["path"] == str(assets / "aligned_chatml")
+    # ...and loads again to the same folders.
+    again = load_spec(write_spec(resolved, tmp_path / "resolved.yaml"))
+    assert again.aligned_models[1].path == str(zephyr) and again.model.path == loaded.model.path
+
+    # A model or revision missing from the cache: validate says how to fetch it (nothing is downloaded).
+    spec["aligned_models"][0]["path"] = "poft-test/not-downloaded"
+    spec["aligned_models"][1]["revision"] = "v2"
+    with pytest.raises(SpecError) as bad:
+        _load(spec, tmp_path)
+    msg = str(bad.value)
+    assert "aligned_models[0].path: 'poft-test/not-downloaded' is neither a local model directory" in msg
+    assert "`hf download poft-test/not-downloaded`" in msg and str(cache) in msg
+    assert "aligned_models[1].path: 'poft-test/zephyr'" in msg and "at revision 'v2'" in msg
+    assert "`hf download poft-test/zephyr --revision v2`" in msg
+    # A revision only means something for a hub id.
+    local = base_spec(assets, tmp_path / "run")
+    local["model"]["revision"] = "main"
+    with pytest.raises(SpecError, match=r"model.revision: applies to hub ids;"):
+        _load(local, tmp_path)
+
+
+def test_dpo_defaults_its_reference_to_the_starting_weights_and_takes_one(assets: Path, tmp_path: Path) -> None:
+    spec = base_spec(assets, tmp_path / "run", objective={"kind": "dpo"}, topology={"procs_per_node": 3})
+    del spec["aligned_models"]
+    spec["model"]["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    loaded = _load(spec, tmp_path)
+    (ref,) = loaded.aligned_models
+    assert (ref.name, ref.path, ref.max_length) == ("reference", str(assets / "target"), 96)
+    assert ref.chat_template == loaded.model.chat_template  # the policy's own rendering
+    assert loaded.objective.beta == 0.1 and loaded.trainer_ranks == 2  # TRL's beta; one rank serves the reference
+    assert _load(base_spec(assets, tmp_path / "run"), tmp_path).objective.beta == 1.0  # PoFT's, the paper's
+
+    two = base_spec(assets, tmp_path / "run", objective={"kind": "dpo"})
+    with pytest.raises(SpecError, match=r"aligned_models: DPO has one reference model, got 2"):
+        _load(two, tmp_path)

@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from poft_ds.data.rows import DataError
-from poft_ds.spec import ModelSpec
+from poft_ds.spec import JobSpec, ModelSpec
 
 
 def load_tokenizer(model: ModelSpec) -> PreTrainedTokenizerBase:
@@ -39,6 +39,20 @@ def load_tokenizer(model: ModelSpec) -> PreTrainedTokenizerBase:
     if model.chat_template:
         tok.chat_template = model.chat_template
     return tok
+
+
+def chat_tokenizer(spec: JobSpec, model: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> ChatTokenizer:
+    """How the job renders and masks conversations under one of its models.
+
+    DPO scores the final response only: the turns before it are the prompt the pair shares.
+    """
+    return ChatTokenizer(
+        tokenizer if tokenizer is not None else load_tokenizer(model),
+        model.max_length,
+        model.chat_template,
+        model.truncation,
+        last_turn_only=spec.objective.kind == "dpo",
+    )
 
 
 @dataclass
@@ -91,6 +105,7 @@ class ChatTokenizer:
         truncation: What to do with a longer conversation: `right` keeps its first `max_length`
             tokens, `left` its last ones (the latest turns, trimming the prompt from the left),
             `drop` makes it unusable ("too long").
+        last_turn_only: Score the last assistant turn only (DPO: earlier turns are the prompt).
 
     Raises:
         DataError: when neither the spec nor the tokenizer has a chat template.
@@ -102,10 +117,12 @@ class ChatTokenizer:
         max_length: int,
         chat_template: str | None = None,
         truncation: str = "right",
+        last_turn_only: bool = False,
     ):
         self.tok = tokenizer
         self.max_length = max_length
         self.truncation = truncation
+        self.last_turn_only = last_turn_only
         self.template = chat_template or tokenizer.chat_template
         if not self.template:
             raise DataError(f"tokenizer {tokenizer.name_or_path} has no chat template and the spec gives none")
@@ -221,6 +238,7 @@ class ChatTokenizer:
         """
         try:
             text, spans = self.assistant_char_spans(messages)
+            spans = spans[-1:] if self.last_turn_only else spans
             ids, offsets = self._encode(text, self._forged_spans(messages, text))
         except RowError as e:
             return None, str(e)

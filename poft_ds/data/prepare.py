@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from poft_ds.data.chat import ChatTokenizer, TokenizedSample, load_tokenizer
-from poft_ds.data.rows import DataError, Row, load_rows
+from poft_ds.data.chat import TokenizedSample, chat_tokenizer
+from poft_ds.data.rows import DataError, Row, job_rows
 from poft_ds.data.schedule import Schedule
 from poft_ds.data.tokenize import tokenize_rows
 from poft_ds.distributed import Worlds
@@ -111,6 +111,21 @@ class PreparedData:
         }
 
 
+def pair_units(usable: tuple[int, ...], lengths: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+    """DPO's unit of scheduling: a pair, named by its chosen row (2i) and usable when both rows are.
+
+    Returns:
+        (usable pairs, per-row lengths where row 2i holds the pair's two lengths summed): the
+        schedule batches pairs and packs micro-batches by both sequences' tokens.
+    """
+    ok = set(usable)
+    units = tuple(i for i in usable if i % 2 == 0 and i + 1 in ok)
+    pair_lengths = lengths.copy()
+    pair_lengths[0::2] += lengths[1::2]
+    pair_lengths[1::2] = 0
+    return units, pair_lengths
+
+
 def model_of_role(spec: JobSpec, worlds: Worlds) -> ModelSpec:
     k = worlds.role.model_index
     return spec.model if k is None else spec.aligned_models[k]
@@ -127,10 +142,10 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
         DataError: naming the reasons and example rows when too many rows are unusable.
     """
     model = model_of_role(spec, worlds)
-    rows = load_rows(spec.data.sources, spec.seed, spec.data.reference_score_column)
+    rows = job_rows(spec)
     if not rows:
         raise DataError(f"data.train_files: no rows in {spec.data.train_files}")
-    chat = ChatTokenizer(tokenizer, model.max_length, model.chat_template, model.truncation)
+    chat = chat_tokenizer(spec, model, tokenizer)
     # One process per node tokenizes while the others wait; all of them memory-map the result.
     samples, report = tokenize_rows(rows, chat, spec.data.resolved_cache_dir(spec.run_dir))
 
@@ -156,9 +171,12 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
     worlds.bridge_allreduce_min(agreed)
     usable = tuple(np.flatnonzero(agreed[:n].numpy()).tolist())
     target_lengths = (-agreed[n:]).to(torch.int32).numpy()
+    if spec.objective.kind == "dpo":
+        usable, target_lengths = pair_units(usable, target_lengths)
 
     role = worlds.role
-    bad = len(rows) - len(usable)
+    units = len(rows) // 2 if spec.objective.kind == "dpo" else len(rows)  # DPO: pairs
+    bad = units - len(usable)
     if role.rank == 0:
         out = Path(spec.run_dir) / "data_report" / f"{role.name.replace('/', '_')}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +184,7 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
             json.dumps(
                 {
                     "model": model.path,
-                    "rows": len(rows),
+                    "rows": units,
                     "unusable_here": dict(report.counts),
                     "examples": report.examples,
                     "usable_by_all_models": len(usable),
@@ -179,14 +197,14 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
                 indent=2,
             )
         )
-    if bad / len(rows) > spec.data.max_bad_fraction:
+    if bad / units > spec.data.max_bad_fraction:
         reasons = ", ".join(f"{r}: {n} (e.g. {', '.join(report.examples[r][:3])})" for r, n in report.counts.items())
         raise DataError(
-            f"{bad} of {len(rows)} rows are unusable, more than data.max_bad_fraction="
+            f"{bad} of {units} rows are unusable, more than data.max_bad_fraction="
             f"{spec.data.max_bad_fraction}. Under {role.name}'s tokenizer: {reasons or 'none (see other roles)'}"
         )
     if bad and role.rank == 0:
-        print(f"[poft-ds] {role.name}: {bad} of {len(rows)} rows unusable, see data_report/", flush=True)
+        print(f"[poft-ds] {role.name}: {bad} of {units} rows unusable, see data_report/", flush=True)
 
     schedule, eval_rows, kept = build_schedule(spec, rows, usable, target_lengths)
     if kept is not None and role.rank == 0:
@@ -226,7 +244,7 @@ def prepare_data(spec: JobSpec, worlds: Worlds, tokenizer: PreTrainedTokenizerBa
 
 def model_lengths(spec: JobSpec, model: ModelSpec, rows: list[Row]) -> np.ndarray:
     """Tokens of every row under a model (0 where it cannot use the row), through the tokenization cache."""
-    chat = ChatTokenizer(load_tokenizer(model), model.max_length, model.chat_template, model.truncation)
+    chat = chat_tokenizer(spec, model)
     samples, _ = tokenize_rows(rows, chat, spec.data.resolved_cache_dir(spec.run_dir))
     return samples.lengths()
 

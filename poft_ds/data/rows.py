@@ -23,7 +23,10 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from poft_ds.spec import JobSpec
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {
@@ -41,6 +44,9 @@ FIELDS = {
     "sharegpt": ("conversations",),
     "alpaca": ("instruction", "input", "output", "system"),
     "prompt_completion": ("prompt", "completion", "system"),
+    # Preference pairs: UltraFeedback-binarized (`chosen`/`rejected` full conversations) or TRL's
+    # prompt/chosen/rejected (strings, or message lists continuing the prompt).
+    "preference": ("prompt", "chosen", "rejected", "system"),
 }
 
 
@@ -59,6 +65,7 @@ class Row:
         problem: Why the row is unusable, or None.
         id: The row's `id` field when it has one.
         ref_score: A precomputed reference score, when the data carries one.
+        rejected: A preference row's rejected conversation (`messages` is the chosen one).
     """
 
     source: str
@@ -67,6 +74,7 @@ class Row:
     problem: str | None = None
     id: str | None = None
     ref_score: float | None = None
+    rejected: list[dict[str, str]] | None = None
 
     @property
     def where(self) -> str:
@@ -74,7 +82,18 @@ class Row:
 
 
 def read_records(path: Path) -> list[tuple[int, Any, str | None]]:
-    """(line or row number, record, problem) for every row of a JSONL, JSON, parquet or arrow file."""
+    """(line or row number, record, problem) for every row of a JSONL, JSON, CSV/TSV, parquet or arrow file.
+
+    CSV rows are numbered by their line in the file when no cell spans lines (the header is line 1).
+    """
+    if path.suffix in (".csv", ".tsv"):
+        import datasets
+
+        try:
+            ds = datasets.Dataset.from_csv(str(path), sep="\t" if path.suffix == ".tsv" else ",")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not a readable {path.suffix[1:].upper()} file: {e}") from e
+        return [(i + 2, rec, None) for i, rec in enumerate(ds)]
     if path.suffix in (".parquet", ".arrow"):
         import datasets
 
@@ -111,12 +130,13 @@ def read_records(path: Path) -> list[tuple[int, Any, str | None]]:
 
 
 DETECT_BY = (
+    ("preference", "chosen"),
     ("messages", "messages"),
     ("sharegpt", "conversations"),
     ("alpaca", "instruction"),
     ("prompt_completion", "prompt"),
 )
-UNDETECTED = "unknown format: no 'messages', 'conversations', 'instruction' or 'prompt' field"
+UNDETECTED = "unknown format: no 'chosen', 'messages', 'conversations', 'instruction' or 'prompt' field"
 
 
 def detect_format(rec: Any, columns: dict[str, str] | None = None) -> str | None:
@@ -237,6 +257,82 @@ def to_messages(rec: Any, fmt: str, columns: dict[str, str]) -> tuple[list[dict[
     return msgs, None
 
 
+def _turns(value: Any, field: str) -> tuple[list[dict[str, str]] | None, str | None]:
+    """A preference field as messages: a string is one turn of `role`, a list is a `messages` list."""
+    msgs = []
+    for n, t in enumerate(value, start=1):
+        msg, problem = _turn(t, "messages")
+        if problem:
+            return None, f"'{field}' turn {n}: {problem}"
+        msgs.append(msg)
+    return msgs, None
+
+
+def to_preference_pair(
+    rec: Any, columns: dict[str, str]
+) -> tuple[list[dict[str, str]] | None, list[dict[str, str]] | None, str | None]:
+    """A preference record as its chosen and rejected conversations.
+
+    The prompt (a string: one user turn; or a message list, optionally after a `system` string)
+    is followed by each response (a string: one assistant turn; or message lists). Responses that
+    are whole conversations starting with the prompt (UltraFeedback-binarized) are taken as they
+    are; without a prompt field they must be whole conversations sharing everything but their
+    last turn.
+
+    Returns:
+        (chosen, rejected, None), or (None, None, reason).
+    """
+    col = {f: columns.get(f, f) for f in FIELDS["preference"]}
+    if not isinstance(rec, dict):
+        return None, None, "row is not a JSON object"
+    prompt: list[dict[str, str]] = []
+    system = rec.get(col["system"])
+    if isinstance(system, str) and system.strip():
+        prompt.append({"role": "system", "content": system})
+    raw = rec.get(col["prompt"])
+    if isinstance(raw, str):
+        if not raw.strip():
+            return None, None, f"'{col['prompt']}' is empty"
+        prompt.append({"role": "user", "content": raw})
+    elif isinstance(raw, list):
+        turns, problem = _turns(raw, col["prompt"])
+        if problem:
+            return None, None, problem
+        prompt += turns
+    elif raw is not None:
+        return None, None, f"'{col['prompt']}' is {_kind(raw)}"
+    sides = []
+    for name in (col["chosen"], col["rejected"]):
+        if name not in rec:
+            return None, None, f"'{name}' missing"
+        value = rec[name]
+        if isinstance(value, str):
+            text, problem = _content(value, f"'{name}'")
+            if problem:
+                return None, None, problem
+            conv = [*prompt, {"role": "assistant", "content": text}]
+        elif isinstance(value, list) and value:
+            turns, problem = _turns(value, name)
+            if problem:
+                return None, None, problem
+            # A whole conversation repeats the prompt (or stands alone); a continuation does not.
+            whole = not prompt or (turns[: len(prompt)] == prompt and len(turns) > len(prompt))
+            conv = turns if whole else [*prompt, *turns]
+        else:
+            return None, None, f"'{name}' is {_kind(value)}" if not isinstance(value, list) else f"'{name}' is empty"
+        if conv[-1]["role"] != "assistant":
+            return None, None, f"'{name}' does not end with an assistant turn"
+        if not conv[-1]["content"].strip():
+            return None, None, f"'{name}' is an empty response"
+        if not any(m["role"] == "user" for m in conv[:-1]):
+            return None, None, "no prompt (no user turn before the response)"
+        sides.append(conv)
+    chosen, rejected = sides
+    if chosen[:-1] != rejected[:-1]:
+        return None, None, "chosen and rejected follow different prompts"
+    return chosen, rejected, None
+
+
 def read_source(
     path: str, fmt: str = "auto", columns: dict[str, str] | None = None, score_column: str | None = None
 ) -> list[Row]:
@@ -261,11 +357,13 @@ def read_source(
         raise DataError(f"{p}: cannot detect the data format; set format in data.train_files")
     rows = []
     for line, rec, problem in records:
-        msgs = None
+        msgs = rejected = None
         if problem is None:
             row_fmt = detect_format(rec, columns) if fmt == "auto" else fmt
             if row_fmt is None:
                 problem = "row is not a JSON object" if not isinstance(rec, dict) else UNDETECTED
+            elif row_fmt == "preference":
+                msgs, rejected, problem = to_preference_pair(rec, columns)
             else:
                 msgs, problem = to_messages(rec, row_fmt, columns)
         rid = rec.get(columns.get("id", "id")) if isinstance(rec, dict) else None
@@ -274,7 +372,7 @@ def read_source(
             score = rec.get(score_column)
             if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
                 msgs, problem, score = None, f"no finite '{score_column}' score", None
-        rows.append(Row(str(p), line, msgs, problem, str(rid) if rid is not None else None, score))
+        rows.append(Row(str(p), line, msgs, problem, str(rid) if rid is not None else None, score, rejected))
     return rows
 
 
@@ -298,11 +396,13 @@ def apply_weight(rows: list[Row], weight: float, seed: int) -> list[Row]:
     return rows * whole + sorted(extra, key=lambda r: r.line)
 
 
-def load_rows(sources: list[Any], seed: int = 0, score_column: str | None = None) -> list[Row]:
+def load_rows(sources: list[Any], seed: int = 0, score_column: str | None = None, pairs: bool = False) -> list[Row]:
     """Read every source of a job (paths, or `SourceSpec`s with format, columns and weight).
 
     Duplicate ids are checked over all sources before weighting; a weighted source's rows
-    appear `weight` times (the fractional part as a seeded sample).
+    appear `weight` times (the fractional part as a seeded sample). A preference row is its
+    chosen conversation (SFT and PoFT train on it); with `pairs` (DPO), every row becomes two:
+    row 2i its chosen conversation and row 2i+1 its rejected one (`preference_rows`).
     """
     read = []
     for src in sources:
@@ -314,4 +414,28 @@ def load_rows(sources: list[Any], seed: int = 0, score_column: str | None = None
     out: list[Row] = []
     for i, (rows, weight) in enumerate(read):
         out += rows if weight == 1.0 else apply_weight(rows, weight, seed + i)
+    return preference_rows(out) if pairs else out
+
+
+NOT_A_PAIR = "not a preference pair (no 'chosen' and 'rejected')"
+
+
+def preference_rows(rows: list[Row]) -> list[Row]:
+    """Each row as two: its chosen conversation (even index), then its rejected one (odd index).
+
+    Both halves of an unusable pair are unusable, with the same reason, so a pair is always
+    usable or not as a whole (and counted once per half).
+    """
+    out = []
+    for r in rows:
+        problem = r.problem or (NOT_A_PAIR if r.rejected is None else None)
+        chosen, rejected = (None, None) if problem else (r.messages, r.rejected)
+        out.append(Row(r.source, r.line, chosen, problem, r.id, r.ref_score))
+        out.append(Row(r.source, r.line, rejected, problem, r.id, r.ref_score))
     return out
+
+
+def job_rows(spec: JobSpec) -> list[Row]:
+    """The job's data rows: for DPO, each preference pair as two rows (chosen 2i, rejected 2i+1)."""
+    pairs = spec.objective.kind == "dpo"
+    return load_rows(spec.data.sources, spec.seed, spec.data.reference_score_column, pairs=pairs)

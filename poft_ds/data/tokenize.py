@@ -226,7 +226,8 @@ def _cache_key(rows: list[Row], chat: ChatTokenizer) -> str:
         ):
             h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
     h.update(
-        f"{chat.template}|{chat.max_length}|{chat.truncation}|{chat.prepend_bos}|{__version__}|{MASK_RULES}".encode()
+        f"{chat.template}|{chat.max_length}|{chat.truncation}|{chat.prepend_bos}|{__version__}|{MASK_RULES}"
+        f"|{chat.last_turn_only}".encode()
     )
     return h.hexdigest()[:32]
 
