@@ -572,9 +572,13 @@ def test_a_wheel_install_finds_the_shipped_configs_and_sbatch_template(tmp_path:
     (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
     (wheel,) = wheels.glob("poft_ds-*.whl")
     installed = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--prefix", env_dir, wheel], **run
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", "--prefix", env_dir, wheel],
+        **run,
     )
     assert installed.returncode == 0, installed.stderr
+    # ...beside, not instead of, the test environment's own poft-ds (pip would uninstall it otherwise).
+    ours = subprocess.run([sys.executable, "-c", "import poft_ds; print(poft_ds.__file__)"], cwd=tmp_path, **run)
+    assert ours.stdout.strip() == str(ROOT / "poft_ds" / "__init__.py"), ours.stdout + ours.stderr
 
     spec = base_spec(assets, tmp_path / "run", deepspeed={"train_config": "zero3.json"})  # by name: shipped
     spec["launcher"] = {"kind": "slurm"}
