@@ -46,7 +46,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from poft_ds.stages import is_staged
 
     if is_staged(args.spec):
-        for stage, spec in _checked_stages(args.spec):
+        for stage, spec, _ in _checked_stages(args.spec):
             print(f"# stage {stage.name}: {stage.run_dir}")
             print(yaml.safe_dump(spec.public_dump(), sort_keys=False), end="")
         print("# ok: every stage", file=sys.stderr)
@@ -110,8 +110,10 @@ def _launch_one(spec: JobSpec, spec_path: str, args: argparse.Namespace) -> int:
     return run_launch(spec, plan)
 
 
-def _checked_stages(spec_path: str) -> list[tuple[Any, JobSpec]]:
-    """Every stage of a staged job with its validated spec; all are checked before any runs."""
+def _checked_stages(spec_path: str) -> list[tuple[Any, JobSpec, bool]]:
+    """Every stage of a staged job with its validated spec, and whether that spec is a stand-in
+    (checked against an earlier model because the previous stage's output does not exist yet);
+    all are checked before any runs."""
     from poft_ds.preflight import check_templates
     from poft_ds.stages import read_stages, stage_spec
 
@@ -126,7 +128,7 @@ def _checked_stages(spec_path: str) -> list[tuple[Any, JobSpec]]:
                 f"{spec_path}: stage {stage.name}: launcher.kind slurm: a staged job runs its stages one after "
                 "another from `poft-ds launch`; run that inside an allocation (launcher.kind local or deepspeed)"
             )
-        out.append((stage, spec))
+        out.append((stage, spec, note is not None))
     return out
 
 
@@ -136,9 +138,9 @@ def _launch_stages(args: argparse.Namespace) -> int:
 
     checked = _checked_stages(args.spec)
     base = Path(args.spec).resolve().parent
-    for i, (stage, _) in enumerate(checked):
-        # Validated again now that the previous stage's model exists: this is what runs.
-        spec, _ = stage_spec(stage, base, args.spec)
+    for i, (stage, spec, stand_in) in enumerate(checked):
+        if stand_in:  # validated again now that the previous stage's model exists: this is what runs
+            spec, _ = stage_spec(stage, base, args.spec)
         done = finished(stage)
         if done is not None:
             if done != spec_hash(spec):

@@ -83,6 +83,7 @@ def version_string() -> str:
     return f"poft-ds {__version__}" + (f" (git {commit[:12]}{'-dirty' * commit.endswith('-dirty')})" if commit else "")
 
 
+@functools.cache
 def software() -> dict[str, Any]:
     """This process's Python, platform, poft-ds version and commit, package versions and CUDA stack."""
     import torch
@@ -122,7 +123,7 @@ def device_record(device: torch.device) -> dict[str, Any]:
     }
 
 
-def write_environment(run_dir: str | Path, launch_started: float, models: dict[str, dict[str, Any]]) -> Path:
+def write_environment(run_dir: str | Path, launch_started: float, models: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Write (or update) this launch's entry in `RUN_DIR/environment.json` from global rank 0.
 
     Args:
@@ -131,7 +132,7 @@ def write_environment(run_dir: str | Path, launch_started: float, models: dict[s
         models: Per role name, the model it loaded: `path`, and `hub_id` / `revision` for hub models.
 
     Returns:
-        The file written.
+        This launch's entry, as written.
     """
     run_dir = Path(run_dir)
     path = run_dir / ENVIRONMENT_FILE
@@ -173,7 +174,7 @@ def write_environment(run_dir: str | Path, launch_started: float, models: dict[s
         earlier = []
     launches = [x for x in earlier if isinstance(x, dict) and x.get("started") != launch_started] + [launch]
     atomic_write(path, json.dumps({"launches": launches}, indent=1).encode())
-    return path
+    return launch
 
 
 def _flat_differences(theirs: dict[str, Any], mine: dict[str, Any]) -> list[tuple[str, Any, Any]]:

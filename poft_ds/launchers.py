@@ -251,9 +251,8 @@ def _final_state(run_dir: Path) -> tuple[str, str]:
         status = run_status(run_dir, stale_after_s=0.0)
     except (OSError, ValueError) as e:
         status = {"state": "unknown", "reason": f"heartbeats unreadable: {e}"}
-    if status["state"] == "unknown" and (run_dir / PREEMPTED_MARKER).is_file():
-        return "preempted", status["reason"]
-    if status["state"] == "preempted":
+    marker = (run_dir / PREEMPTED_MARKER).is_file()
+    if status["state"] == "preempted" or (status["state"] == "unknown" and marker):
         return "preempted", status["reason"]
     if status["state"] == "failed":
         return "failed", f"Heartbeats: {status['reason']}."

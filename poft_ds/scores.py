@@ -8,7 +8,6 @@ truncation, precision), exactly as the reference ranks wrote it.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from poft_ds.data.chat import load_tokenizer
 from poft_ds.data.rows import DataError, Row, job_rows, load_rows
+from poft_ds.files import atomic_write
 from poft_ds.loss import aggregate_reference_scores
 from poft_ds.score_store import ScoreStore, model_fingerprint, sample_key, scorer_id
 from poft_ds.spec import JobSpec, SpecError
@@ -149,17 +149,14 @@ def export_scores(spec: JobSpec, out: Path, column: str = "mean_log_llm_probs") 
         column: s_ref,
     } | {f"score/{n}": [per_model[n][i] for i in keep] for n in names}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # a complete file or none: never half of one
-    try:
-        if out.suffix == ".jsonl":
-            with open(tmp, "w") as f:
-                for j in range(len(keep)):
-                    f.write(json.dumps({k: v[j] for k, v in table.items()}, ensure_ascii=False) + "\n")
-        else:
-            pq.write_table(pa.table(table), tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    if out.suffix == ".jsonl":
+        lines = (json.dumps({k: v[j] for k, v in table.items()}, ensure_ascii=False) + "\n" for j in range(len(keep)))
+        data = "".join(lines).encode()
+    else:
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table(table), sink)
+        data = sink.getvalue().to_pybytes()
+    atomic_write(out, data)  # a complete file or none: never half of one
     return len(keep)
 
 

@@ -595,24 +595,14 @@ def _cross_field_problems(spec: JobSpec, bad: set[str]) -> list[str]:
             )
         if spec.aligned_models and spec.data.reference_score_column:
             problems.append("data.reference_score_column: precomputed scores replace aligned_models; set only one")
-    if have("score_store", "reference", "data", "objective") and not spec.score_store.enabled:
+    store_off = have("score_store", "reference", "data", "objective") and not spec.score_store.enabled
+    if store_off and spec.objective.kind == "poft":
         # Without the store, scores exist only while the reference ranks compute them.
-        store_users = [
-            ("reference.mode", "'store' trains from stored scores", spec.reference.mode == "store"),
-            (
-                "data.filter_min_score",
-                "filters by stored scores",
-                spec.data.filter_min_score is not None and not spec.data.reference_score_column,
-            ),
-            (
-                "data.filter_min_quantile",
-                "filters by stored scores",
-                spec.data.filter_min_quantile is not None and not spec.data.reference_score_column,
-            ),
-        ]
-        for field, why, used in store_users:
-            if used and spec.objective.kind == "poft":
-                problems.append(f"{field}: {why}, but score_store.enabled is false")
+        if spec.reference.mode == "store":
+            problems.append("reference.mode: 'store' trains from stored scores, but score_store.enabled is false")
+        for name in ("filter_min_score", "filter_min_quantile"):
+            if getattr(spec.data, name) is not None and not spec.data.reference_score_column:
+                problems.append(f"data.{name}: filters by stored scores, but score_store.enabled is false")
     if have("objective", "aligned_models", "data") and spec.objective.kind == "dpo":
         if len(spec.aligned_models) > 1:
             problems.append(
@@ -1037,13 +1027,12 @@ def spec_from_mapping(
         where: What to name in messages (the file, or a stage of it).
         check_templates: As in `load_spec`.
     """
-    path = where
     missing: list[str] = []
     templated: dict[str, str] = {}
     raw = _interpolate(raw, "", missing, templated)
     if missing:
         # An unset variable leaves a `${VAR}` that every later check would misreport.
-        raise SpecError(f"{path}: invalid job spec:\n" + "\n".join(f"  {m}" for m in missing))
+        raise SpecError(f"{where}: invalid job spec:\n" + "\n".join(f"  {m}" for m in missing))
     good, problems = _validate_sections(raw)
     bad = {n for n, f in JobSpec.model_fields.items() if n not in good and (n in raw or f.is_required())}
     spec = JobSpec.model_construct(**good)  # every field given has been validated above
@@ -1065,5 +1054,5 @@ def spec_from_mapping(
                 if line.startswith("  ") and line.strip().split(".chat_template:")[0] not in broken
             ]
     if problems:
-        raise SpecError(f"{path}: invalid job spec:\n" + "\n".join(problems))
+        raise SpecError(f"{where}: invalid job spec:\n" + "\n".join(problems))
     return spec

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from poft_ds.files import atomic_write
 from poft_ds.spec import JobSpec, SpecError, read_spec_file, resolve_path, spec_from_mapping
 
 DONE_MARKER = "STAGE_DONE"
@@ -155,8 +156,9 @@ def finished(stage: Stage) -> str | None:
 
 def mark_finished(stage: Stage, spec: JobSpec) -> None:
     """Record that a stage finished (after its launch returned 0 and its model is written)."""
-    marker = stage.run_dir / DONE_MARKER
-    marker.write_text(json.dumps({"stage": stage.name, "spec_hash": spec_hash(spec)}) + "\n")
+    atomic_write(
+        stage.run_dir / DONE_MARKER, (json.dumps({"stage": stage.name, "spec_hash": spec_hash(spec)}) + "\n").encode()
+    )
 
 
 def write_stage_spec(stage: Stage, spec: JobSpec) -> Path:

@@ -542,7 +542,7 @@ def _train_steps(
             if step == start:  # by now every rank has loaded its model and written its record
                 progress.write("[poft-ds] ranks:\n" + rank_table(spec.run_dir, worlds.identity.world_size))
                 env = write_environment(spec.run_dir, process_start_time(), model_records(spec))
-                differs = json.loads(env.read_text())["launches"][-1]["software_differs"]
+                differs = env["software_differs"]
                 if differs:
                     print(f"[poft-ds] warning: software differs between ranks: {'; '.join(differs)}", file=sys.stderr)
         if heartbeat is not None:
