@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from poft_ds.data.batch import collate, empty_like, pack, pad_token_id
 from poft_ds.data.chat import TokenizedSample
-from poft_ds.data.prepare import PreparedData
+from poft_ds.data.prepare import PreparedData, unit_rows
 from poft_ds.data.schedule import length_grouped_batches, pack_positions, reference_positions, shared_positions
 from poft_ds.distributed import Worlds, local_stop_requested, wait_for
 from poft_ds.ds_config import reference_config, resolve_precision
@@ -154,7 +154,6 @@ def serve_scores(
     G = schedule.global_batch
     mine = reference_positions(G, role.size, role.rank)
     dpo = spec.objective.kind == "dpo"
-    halves = (0, 1) if dpo else (0,)  # a DPO unit is the pair of rows r (chosen) and r + 1 (rejected)
 
     def payload(by_row: dict[int, float], r: int) -> list[float]:
         if not dpo:
@@ -170,7 +169,7 @@ def serve_scores(
     for step in range(start, schedule.total_steps):
         rows = schedule.global_batch_at(step)
         before = (scorer.scored, scorer.busy, scorer.tokens)
-        by_row, passes = scorer.score(sorted({rows[p] + h for p in mine for h in halves}))
+        by_row, passes = scorer.score(sorted({r for p in mine for r in unit_rows(spec, rows[p])}))
         # The step's work, which the trainers log: forward passes, newly scored samples, busy
         # seconds and real tokens scored.
         counts = [
@@ -226,8 +225,7 @@ def score_dataset(spec: JobSpec, worlds: Worlds, data: PreparedData, tokenizer: 
     """
     role = worlds.role
     scorer = GroupScorer(spec, worlds, data, tokenizer)
-    halves = (0, 1) if spec.objective.kind == "dpo" else (0,)  # DPO: both rows of each pair
-    usable = [r + h for r in data.schedule.usable for h in halves]
+    usable = [r for unit in data.schedule.usable for r in unit_rows(spec, unit)]  # DPO: both rows of each pair
     mine = usable[role.rank :: role.size]
     left = [r for r in mine if data.keys[r] not in scorer.known]
     step = scorer.model.score_batch_size * spec.score_store.flush_every_batches

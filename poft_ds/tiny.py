@@ -47,16 +47,26 @@ SYSTEM_PROMPTS = ["You are a careful math tutor.", "Answer briefly.", "You are a
 OPS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
 
 
+def _question(rng: random.Random) -> tuple[int, str, int, int]:
+    """An arithmetic question (a, op, b) and its answer."""
+    a, b = rng.randint(1, 30), rng.randint(1, 30)
+    op = rng.choice(list(OPS))
+    return a, op, b, OPS[op](a, b)
+
+
+def _wrong(rng: random.Random, right: int) -> int:
+    """A wrong answer near the right one."""
+    return right + rng.randint(1, 9) * rng.choice([-1, 1])
+
+
 def synthetic_conversations(n: int, seed: int, noisy_fraction: float = 0.15) -> list[dict]:
     """Arithmetic chats; a `noisy_fraction` of them have wrong answers (marked `noisy: true`)."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        a, b = rng.randint(1, 30), rng.randint(1, 30)
-        op = rng.choice(list(OPS))
-        result = OPS[op](a, b)
+        a, op, b, result = _question(rng)
         noisy = rng.random() < noisy_fraction
-        answer = result + rng.randint(1, 9) * rng.choice([-1, 1]) if noisy else result
+        answer = _wrong(rng, result) if noisy else result
         msgs = []
         if rng.random() < 0.3:
             msgs.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
@@ -145,10 +155,8 @@ def synthetic_preferences(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        a, b = rng.randint(1, 30), rng.randint(1, 30)
-        op = rng.choice(list(OPS))
-        right = OPS[op](a, b)
-        wrong = right + rng.randint(1, 9) * rng.choice([-1, 1])
+        a, op, b, right = _question(rng)
+        wrong = _wrong(rng, right)
         q = f"What is {a} {op} {b}?" + (" " if i % 5 == 0 else "")
         # The wrong answers hedge, as dispreferred responses often do: a preference a tiny model can learn.
         good, bad = f"{a} {op} {b} is {right}.", (" " if i % 3 == 0 else "") + f"{a} {op} {b} is {wrong}, I guess."

@@ -38,7 +38,7 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 from poft_ds.checkpoint import checkpoint_root, export_hf_model, load_checkpoint, save_checkpoint, save_resolved_spec
 from poft_ds.data.batch import collate, empty_like, pack, pad_token_id
 from poft_ds.data.chat import TokenizedSample
-from poft_ds.data.prepare import PreparedData
+from poft_ds.data.prepare import PreparedData, unit_rows
 from poft_ds.data.schedule import pack_positions, shared_positions
 from poft_ds.distributed import (
     PREEMPTED_MARKER,
@@ -371,7 +371,7 @@ def _train_steps(
         for positions in micro_batches:
             idx = [rows[p] for p in positions]
             # A DPO pair is its chosen row i and rejected row i + 1, run side by side.
-            samples = [data.samples[r] for i in idx for r in ((i, i + 1) if dpo else (i,))]
+            samples = [data.samples[r] for i in idx for r in unit_rows(spec, i)]
             cpu_batch = (pack(samples) if packed else collate(samples, pad)) if idx else empty
             batch = cpu_batch.to(worlds.device)
             logp_sum, n_tokens = engine(*batch.inputs())

@@ -111,6 +111,11 @@ class PreparedData:
         }
 
 
+def unit_rows(spec: JobSpec, unit: int) -> tuple[int, ...]:
+    """The data rows of one scheduled unit: the row itself, or a DPO pair's chosen and rejected rows."""
+    return (unit, unit + 1) if spec.objective.kind == "dpo" else (unit,)
+
+
 def pair_units(usable: tuple[int, ...], lengths: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
     """DPO's unit of scheduling: a pair, named by its chosen row (2i) and usable when both rows are.
 
