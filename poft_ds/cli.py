@@ -12,12 +12,13 @@ poft-ds eval job.yaml --model M  a model's log-probability, perplexity and exact
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -266,8 +267,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         run_rank(spec)
     except Preempted:
-        return EXIT_PREEMPTED
-    return 0
+        _leave_rank(EXIT_PREEMPTED)
+    _leave_rank(0)
 
 
 def _cmd_score_worker(args: argparse.Namespace) -> int:
@@ -276,7 +277,28 @@ def _cmd_score_worker(args: argparse.Namespace) -> int:
     spec = scoring_spec(load_spec(args.spec))
     os.environ.update(spec.env)
     run_rank(spec, offline_scoring=True)
-    return 0
+    _leave_rank(0)
+
+
+def _leave_rank(code: int) -> NoReturn:
+    """End a rank that finished (or checkpointed and stopped) without the interpreter's teardown.
+
+    Everything the rank writes is closed or flushed by then (checkpoints, metrics, heartbeat, logs,
+    W&B and TensorBoard), and every rank has passed the final barrier. Python's teardown would
+    then run a full garbage collection over torch's, transformers' and DeepSpeed's objects:
+    measured at 7-12 s per rank on 2 CPU cores after a tiny job, during which the launcher (and a
+    scheduler's allocation) waits for nothing.
+    """
+    import logging
+
+    logging.shutdown()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()  # mpirun reports a rank that exits without it as failed (mpi4py does it at exit)
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _cmd_score(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from poft_ds.spec import JobSpec, SpecError, TimeoutsSpec
+from poft_ds.spec import DEFAULT_MASTER_PORT, JobSpec, SpecError, TimeoutsSpec
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def init_worlds(spec: JobSpec) -> Worlds:
     Raises:
         SpecError: when the launcher's world size does not match the spec's topology.
     """
-    ident = discover_identity(spec.launcher.master_port)
+    ident = discover_identity(spec.launcher.master_port or DEFAULT_MASTER_PORT)
     if ident.world_size != spec.world_size:
         raise SpecError(
             f"topology: the launcher started {ident.world_size} processes but the spec describes "

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import psutil
 
 from poft_ds import SHIPPED_ROOT
 from poft_ds.distributed import EXIT_PREEMPTED, PREEMPTED_MARKER
-from poft_ds.spec import JobSpec, SpecError
+from poft_ds.spec import DEFAULT_MASTER_PORT, JobSpec, SpecError
 
 SBATCH_TEMPLATE = SHIPPED_ROOT / "launch" / "slurm.sbatch.j2"
 
@@ -68,7 +69,7 @@ def render_sbatch(spec: JobSpec, spec_path: Path, command: str = "train", extra:
         srun_args=s.srun_args,
         signal_seconds=s.signal_seconds,
         run_dir=spec.run_dir,
-        master_port=spec.launcher.master_port,
+        master_port=spec.launcher.master_port or DEFAULT_MASTER_PORT,
         python=sys.executable,
         spec_path=str(spec_path),
         command=command,
@@ -98,7 +99,7 @@ def plan_launch(
                 "torch.distributed.run",
                 f"--nproc-per-node={spec.launched_procs_per_node}",
                 f"--master-addr={lau.master_addr or '127.0.0.1'}",
-                f"--master-port={lau.master_port}",
+                f"--master-port={lau.master_port or free_port(lau.master_addr or '127.0.0.1')}",
                 *_entry(spec_path, command, extra),
             ]
         )
@@ -128,7 +129,7 @@ def plan_launch(
                 where.append(f"--launcher_args={d.launcher_args}")
         # The runner as a module of this interpreter: the `deepspeed` script need not be on PATH.
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *where]
-        cmd += [f"--master_port={lau.master_port}", "--no_local_rank", "--module"]
+        cmd += [f"--master_port={lau.master_port or DEFAULT_MASTER_PORT}", "--no_local_rank", "--module"]
         return Launch([*cmd, *_entry(spec_path, command, extra)[1:]], files)
     if lau.kind == "slurm":
         script = _launch_dir(spec) / "job.sbatch"
@@ -140,7 +141,10 @@ def plan_launch(
             cmd += ["--hostfile", m.hostfile]
         cmd += list(m.args)
         # mpirun forwards only the variables it is told to; these make the ranks' runs match this one.
-        env = {"MASTER_PORT": str(lau.master_port), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        env = {
+            "MASTER_PORT": str(lau.master_port or DEFAULT_MASTER_PORT),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        }
         if lau.master_addr:
             env["MASTER_ADDR"] = lau.master_addr
         for name in [*env, "PATH", "PYTHONPATH", "DS_ACCELERATOR"]:
@@ -148,6 +152,14 @@ def plan_launch(
                 cmd += ["-x", name]
         return Launch([*cmd, sys.executable, *_entry(spec_path, command, extra)], env=env)
     raise SpecError(f"launcher.kind: unknown launcher {lau.kind!r}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS just handed out and released on `host`: free now, and a different one per launch,
+    so a launch's rendezvous never meets another job's or a lingering socket of the launch before it."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _first_host_in(hostfile: Path) -> str:

@@ -22,7 +22,6 @@ import warnings
 from pathlib import Path
 from typing import TextIO
 
-import datasets
 from tqdm import tqdm
 
 
@@ -84,8 +83,11 @@ def route_rank_output(run_dir: str | os.PathLike[str], global_rank: int) -> Path
             if isinstance(handler, logging.StreamHandler) and id(handler.stream) in swap:
                 handler.setStream(swap[id(handler.stream)])
     if global_rank != 0:
-        # Progress bars of `datasets` (tokenizing large data) draw on the console from one rank only.
-        datasets.disable_progress_bars()
+        # Progress bars of `datasets` (tokenizing large data) draw on the console from one rank only;
+        # the variable covers a later import (ranks that only read the cache never import it).
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
     _show_each_warning_once(global_rank, log)
     return path
 

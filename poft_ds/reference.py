@@ -20,8 +20,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from poft_ds.data.batch import collate, empty_like, pack, pad_token_id
-from poft_ds.data.chat import TokenizedSample
+from poft_ds.data.batch import collate, empty_pass, pack, pad_token_id
 from poft_ds.data.prepare import PreparedData, unit_rows
 from poft_ds.data.schedule import length_grouped_batches, pack_positions, reference_positions, shared_positions
 from poft_ds.distributed import Worlds, local_stop_requested, wait_for
@@ -67,7 +66,7 @@ class GroupScorer:
         self.pad = pad_token_id(tokenizer)
         first = data.samples[data.schedule.usable[0]]
         # What a rank with no work left runs, so ZeRO-3's collective gathers stay in step.
-        self.empty = empty_like(pack([TokenizedSample(first.input_ids[:2], [False, False])]))
+        self.empty = empty_pass(first)
         self.unsaved: dict[str, tuple[float, int]] = {}
         self.forward_passes = self.scored = 0
         self.busy = 0.0

@@ -401,12 +401,22 @@ class MpiLauncherSpec(_Strict):
     args: list[str] = Field(default_factory=list, description="Extra mpirun arguments, e.g. --oversubscribe.")
 
 
+# torch.distributed's customary port, for launchers that start ranks on several nodes.
+DEFAULT_MASTER_PORT = 29500
+
+
 class LauncherSpec(_Strict):
     """How `poft-ds launch` starts the ranks."""
 
     kind: Literal["local", "deepspeed", "slurm", "mpi"] = "local"
     master_addr: str | None = Field(None, description="Rendezvous host; default: this host or the first node.")
-    master_port: int = Field(29500, ge=1, le=65535)
+    master_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description=f"Rendezvous port; default: a free port for a local launch (so two jobs on one machine never "
+        f"collide), {DEFAULT_MASTER_PORT} for launchers that span nodes.",
+    )
     deepspeed: DeepSpeedLauncherSpec = Field(default_factory=DeepSpeedLauncherSpec)
     slurm: SlurmLauncherSpec = Field(default_factory=SlurmLauncherSpec)
     mpi: MpiLauncherSpec = Field(default_factory=MpiLauncherSpec)

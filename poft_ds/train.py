@@ -36,8 +36,7 @@ import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from poft_ds.checkpoint import checkpoint_root, export_hf_model, load_checkpoint, save_checkpoint, save_resolved_spec
-from poft_ds.data.batch import collate, empty_like, pack, pad_token_id
-from poft_ds.data.chat import TokenizedSample
+from poft_ds.data.batch import collate, empty_pass, pack, pad_token_id
 from poft_ds.data.prepare import PreparedData, unit_rows
 from poft_ds.data.schedule import pack_positions, shared_positions
 from poft_ds.distributed import (
@@ -350,7 +349,7 @@ def _train_steps(
     packed = schedule.max_tokens is not None
     # A rank with fewer samples than the busiest runs empty passes on a two-token batch.
     first = data.samples[schedule.usable[0]]
-    empty = empty_like(pack([TokenizedSample(first.input_ids[:2], [False, False])]))
+    empty = empty_pass(first)
     fingerprint = data.fingerprint(spec)
     response_tokens = data.samples.scored_tokens()  # per row, read from the Arrow column
     mine = {"tokens": 0, "processed_tokens": 0, "busy_s": 0.0}  # this rank's work, for its summary
@@ -573,7 +572,7 @@ def evaluate(engine: deepspeed.DeepSpeedEngine, data: PreparedData, worlds: Worl
         passes = math.ceil(per_rank / mb)
         chunks = [mine[i * mb : (i + 1) * mb] for i in range(passes)]
     first = data.samples[rows[0]]
-    empty = empty_like(pack([TokenizedSample(first.input_ids[:2], [False, False])]))
+    empty = empty_pass(first)
     sums = torch.zeros(3, dtype=torch.float64, device=worlds.device)  # logp, tokens, per-sample score
     was_training = engine.module.training
     engine.eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -75,6 +76,40 @@ def test_deepspeed_two_node_hostfile_and_command_are_rendered(assets: Path, tmp_
     )
     assert out.returncode == 0 and "gpu-b slots=3" in out.stdout and "--master_addr=gpu-a" in out.stdout
     assert not hostfile.exists()
+
+
+def test_a_local_launch_without_a_port_gets_a_free_one_and_multi_node_launchers_the_customary_one(
+    assets: Path, tmp_path: Path
+) -> None:
+    spec_dict = small_job(assets, tmp_path / "run")
+    del spec_dict["launcher"]["master_port"]
+    path = write_spec(spec_dict, tmp_path / "job.yaml")
+    spec = load_spec(path)
+    assert spec.launcher.master_port is None
+
+    def port_of(command: list[str], flag: str) -> int:
+        return int(next(a for a in command if a.startswith(flag)).split("=")[1])
+
+    # Two jobs started side by side on one machine (the old fixed default made the second fail
+    # with "address already in use"): a port that is free now, and not the same one twice in a row.
+    ports = [port_of(plan_launch(spec, path).command, "--master-port=") for _ in range(2)]
+    assert ports[0] != ports[1] and 29500 not in ports
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # still free after the plan: nothing holds it
+    # A port the spec names is used as it is.
+    spec_dict["launcher"]["master_port"] = 29987
+    pinned = write_spec(spec_dict, tmp_path / "pinned.yaml")
+    assert port_of(plan_launch(load_spec(pinned), pinned).command, "--master-port=") == 29987
+    # Launchers spanning nodes need a port every node agrees on before any of them runs.
+    spec_dict["launcher"] = {"kind": "deepspeed", "deepspeed": {"hosts": ["gpu-a", "gpu-b"]}}
+    spec_dict["topology"] = {"nodes": 2, "procs_per_node": 3}
+    spec_dict["training"]["global_batch_size"] = 10
+    multi = write_spec(spec_dict, tmp_path / "multi.yaml")
+    assert port_of(plan_launch(load_spec(multi), multi).command, "--master_port=") == 29500
+    spec_dict["launcher"] = {"kind": "slurm"}
+    slurm = write_spec(spec_dict, tmp_path / "slurm.yaml")
+    assert "export MASTER_PORT=29500\n" in next(iter(plan_launch(load_spec(slurm), slurm).files.values()))
 
 
 def test_deepspeed_launcher_real_run_on_localhost_keeps_secrets_out_of_the_run_dir(

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from poft_ds.launchers import free_port
 from poft_ds.spec import JobSpec, load_spec
 
 RUNS = ("sft", "poft_online", "poft_store")
@@ -169,7 +169,7 @@ def _variants(spec: JobSpec, folder: Path, steps: int | None) -> dict[str, dict[
     for name in RUNS:
         v = json.loads(json.dumps(base))  # a deep copy
         v["run_dir"] = str(folder / name)
-        v["launcher"]["master_port"] = _free_port()
+        v["launcher"]["master_port"] = free_port()
         if name == "sft":
             v["objective"]["kind"] = "sft"
             v["aligned_models"] = []
@@ -180,14 +180,6 @@ def _variants(spec: JobSpec, folder: Path, steps: int | None) -> dict[str, dict[
             v["reference"]["mode"] = "online" if name == "poft_online" else "store"
         out[name] = v
     return out
-
-
-def _free_port() -> int:
-    # A port the OS just handed out and released: free now, and a different one per run, so a
-    # run's rendezvous never meets a lingering socket of the run before it.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(name: str, variant: dict[str, Any], folder: Path, warmup_steps: int, threads: str) -> dict[str, Any]:

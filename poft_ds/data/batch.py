@@ -105,19 +105,14 @@ def pack(samples: list[TokenizedSample]) -> Batch:
     return Batch(ids, resp, index, len(samples), position_ids=positions.unsqueeze(0))
 
 
-def empty_like(batch: Batch) -> Batch:
-    """A batch that scores nothing: the same tensors with no response token and no sample.
+def empty_pass(sample: TokenizedSample) -> Batch:
+    """A two-token batch that scores nothing, made from a real sample's first tokens.
 
-    Ranks with no work left run it so that ZeRO-3's collective parameter gathers stay in step.
+    Ranks with no work left in a step run it so that ZeRO-3's collective parameter gathers stay in
+    step with the busiest rank.
     """
-    return Batch(
-        batch.input_ids,
-        torch.zeros_like(batch.response_mask),
-        torch.zeros_like(batch.sample_index),
-        0,
-        batch.attention_mask,
-        batch.position_ids,
-    )
+    two = pack([TokenizedSample(sample.input_ids[:2], [False, False])])
+    return Batch(two.input_ids, two.response_mask, torch.zeros_like(two.sample_index), 0, None, two.position_ids)
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:

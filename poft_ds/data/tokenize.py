@@ -354,8 +354,6 @@ def _open_entry(entry: Path, n_rows: int) -> pa.Table | None:
     consistent offsets. A bit flipped inside token data would pass: that takes a checksum of
     every byte, on every rank, every launch.
     """
-    import datasets
-
     try:
         manifest = json.loads((entry / MANIFEST).read_text())
         if (
@@ -367,10 +365,25 @@ def _open_entry(entry: Path, n_rows: int) -> pa.Table | None:
         for name, size in manifest["files"].items():
             if (entry / name).stat().st_size != size:
                 return None
-        table = datasets.load_from_disk(str(entry)).data.table
+        table = _map_saved_dataset(entry)
         if table.num_rows != n_rows or table.schema != pa.schema(COLUMNS):
             return None
         table.validate(full=False)
         return table
-    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException, datasets.exceptions.DatasetsError):
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
         return None
+
+
+def _map_saved_dataset(folder: Path) -> pa.Table:
+    """The table of a folder `datasets.Dataset.save_to_disk` wrote, memory-mapped as `load_from_disk`
+    maps it (its Arrow stream files, in order), without importing `datasets` (and pandas) in every rank
+    that only reads the cache.
+
+    Raises:
+        ValueError: a folder with an indices mapping (never written here) or no data file.
+    """
+    state = json.loads((folder / "state.json").read_text())
+    if state.get("_indices_data_files") or not state.get("_data_files"):
+        raise ValueError(f"{folder}: not a plain saved dataset")
+    tables = [pa.ipc.open_stream(pa.memory_map(str(folder / f["filename"]))).read_all() for f in state["_data_files"]]
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
