@@ -69,3 +69,16 @@ def test_bench_job_runs_sft_online_and_store(assets: Path, tmp_path: Path) -> No
     assert runs["sft"]["mfu"] is None  # CPU: no peak FLOP/s
     estimate = result["compare"]["reference_ranks_needed"]
     assert estimate["estimate"] is True and set(estimate["models"]) == {"chatml", "zephyr"}
+
+
+def test_readmes_show_the_committed_cpu_benchmark() -> None:
+    """The benchmark table in README.md and examples/bench/README.md is the one `poft-ds bench`
+    prints for the committed result (examples/bench/results/cpu.json, copied from its --out)."""
+    from poft_ds.bench.job import format_table
+
+    root = Path(__file__).resolve().parent.parent
+    result = json.loads((root / "examples" / "bench" / "results" / "cpu.json").read_text())
+    table = format_table(result)
+    assert result["repeats"] >= 3 and result["steps"] > result["warmup_steps"]
+    for readme in (root / "README.md", root / "examples" / "bench" / "README.md"):
+        assert table in readme.read_text(), readme
