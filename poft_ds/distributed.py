@@ -31,7 +31,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from poft_ds.spec import DEFAULT_MASTER_PORT, JobSpec, SpecError, TimeoutsSpec
+from poft_ds.spec import JobSpec, SpecError, TimeoutsSpec
 
 
 @dataclass(frozen=True)
@@ -214,6 +214,28 @@ def _device_for(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def bind_cpu_cores(local_rank: int, procs_per_node: int) -> list[int]:
+    """Pin this process to its own share of the cores it may use (`topology.bind_cores`).
+
+    Local rank r gets cores [r*t, (r+1)*t) of the allowed ones (wrapping around when the node is
+    oversubscribed), t = OMP_NUM_THREADS, else the cores over `procs_per_node`; torch's intra-op
+    threads follow (threads the process starts later, gloo's among them, inherit the cores).
+    Without it the scheduler moves a single-threaded rank between cores and puts other ranks'
+    threads on its core: in `poft-ds bench` on 2 cores, PoFT-online's trainer computed ~8% slower
+    than SFT's unpinned and ~4% pinned.
+
+    Returns:
+        The cores this process now runs on.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, len(cores) // procs_per_node)
+    threads = min(threads, len(cores))
+    mine = [cores[(local_rank * threads + i) % len(cores)] for i in range(threads)]
+    os.sched_setaffinity(0, mine)
+    torch.set_num_threads(threads)
+    return mine
+
+
 def _skip_deepspeed_shm_allreduce() -> None:
     """Keep DeepSpeed's CPU shared-memory all-reduce from being built and opened.
 
@@ -234,7 +256,7 @@ def init_worlds(spec: JobSpec) -> Worlds:
     Raises:
         SpecError: when the launcher's world size does not match the spec's topology.
     """
-    ident = discover_identity(spec.launcher.master_port or DEFAULT_MASTER_PORT)
+    ident = discover_identity(spec.launcher.fixed_port)
     if ident.world_size != spec.world_size:
         raise SpecError(
             f"topology: the launcher started {ident.world_size} processes but the spec describes "
@@ -260,6 +282,8 @@ def init_worlds(spec: JobSpec) -> Worlds:
     run_prefix = f"poft/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
     device = _device_for(ident.local_rank)
+    if device.type == "cpu" and spec.topology.bind_cores:
+        bind_cpu_cores(ident.local_rank, spec.launched_procs_per_node)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -325,13 +349,6 @@ def install_preemption_handlers() -> None:
     """SIGTERM and SIGUSR1 (Slurm's --signal) ask for a checkpoint and a clean stop."""
     signal.signal(signal.SIGTERM, _request_stop)
     signal.signal(signal.SIGUSR1, _request_stop)
-
-
-def preemption_requested(worlds: Worlds) -> bool:
-    """Whether any rank of this role was asked to stop (collective over the role world)."""
-    flag = torch.tensor([1.0 if _stop_requested else 0.0], device=worlds.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
 
 
 def local_stop_requested() -> bool:

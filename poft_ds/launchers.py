@@ -22,7 +22,7 @@ import psutil
 
 from poft_ds import SHIPPED_ROOT
 from poft_ds.distributed import EXIT_PREEMPTED, PREEMPTED_MARKER
-from poft_ds.spec import DEFAULT_MASTER_PORT, JobSpec, SpecError
+from poft_ds.spec import JobSpec, SpecError
 
 SBATCH_TEMPLATE = SHIPPED_ROOT / "launch" / "slurm.sbatch.j2"
 
@@ -69,7 +69,7 @@ def render_sbatch(spec: JobSpec, spec_path: Path, command: str = "train", extra:
         srun_args=s.srun_args,
         signal_seconds=s.signal_seconds,
         run_dir=spec.run_dir,
-        master_port=spec.launcher.master_port or DEFAULT_MASTER_PORT,
+        master_port=spec.launcher.fixed_port,
         python=sys.executable,
         spec_path=str(spec_path),
         command=command,
@@ -129,7 +129,7 @@ def plan_launch(
                 where.append(f"--launcher_args={d.launcher_args}")
         # The runner as a module of this interpreter: the `deepspeed` script need not be on PATH.
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *where]
-        cmd += [f"--master_port={lau.master_port or DEFAULT_MASTER_PORT}", "--no_local_rank", "--module"]
+        cmd += [f"--master_port={lau.fixed_port}", "--no_local_rank", "--module"]
         return Launch([*cmd, *_entry(spec_path, command, extra)[1:]], files)
     if lau.kind == "slurm":
         script = _launch_dir(spec) / "job.sbatch"
@@ -142,7 +142,7 @@ def plan_launch(
         cmd += list(m.args)
         # mpirun forwards only the variables it is told to; these make the ranks' runs match this one.
         env = {
-            "MASTER_PORT": str(lau.master_port or DEFAULT_MASTER_PORT),
+            "MASTER_PORT": str(lau.fixed_port),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         }
         if lau.master_addr:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -105,6 +106,7 @@ def write_rank_record(
         "local_rank": ident.local_rank,
         "device": str(worlds.device),
         "device_info": device_record(worlds.device),
+        "cpu_cores": sorted(os.sched_getaffinity(0)),
         "model": model_path,
         "optimizer": optimizer,
         "software": software(),

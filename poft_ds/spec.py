@@ -240,6 +240,12 @@ class TopologySpec(_Strict):
     procs_per_node: int = Field(
         ge=1, le=1024, description="Processes on each node (trainer and reference ranks together)."
     )
+    bind_cores: bool = Field(
+        False,
+        description="CPU runs: pin each process to its own cores (local rank r gets cores [r*t, (r+1)*t) of those "
+        "the launch may use, t = OMP_NUM_THREADS, else cores / procs_per_node), as DeepSpeed's "
+        "--bind_cores_to_rank: no rank migrates between cores or shares one with another rank. Ignored on GPUs.",
+    )
 
 
 class DeepSpeedSpec(_Strict):
@@ -420,6 +426,14 @@ class LauncherSpec(_Strict):
     deepspeed: DeepSpeedLauncherSpec = Field(default_factory=DeepSpeedLauncherSpec)
     slurm: SlurmLauncherSpec = Field(default_factory=SlurmLauncherSpec)
     mpi: MpiLauncherSpec = Field(default_factory=MpiLauncherSpec)
+
+    @property
+    def fixed_port(self) -> int:
+        """The rendezvous port of a launch that spans nodes: `master_port`, else the customary 29500.
+
+        A local launch picks a free port instead when `master_port` is unset (`launchers.plan_launch`).
+        """
+        return self.master_port or DEFAULT_MASTER_PORT
 
 
 class EvalSpec(_Strict):

@@ -43,8 +43,8 @@ from poft_ds.distributed import (
     PREEMPTED_MARKER,
     Preempted,
     Worlds,
+    local_stop_requested,
     peak_memory_bytes,
-    preemption_requested,
     process_start_time,
     wait_for,
 )
@@ -199,6 +199,7 @@ class StepStats:
         "ref_busy_s",
         "ref_tokens",
         "nonfinite_micro_batches",
+        "stop_requested",  # trainers asked to stop (SIGTERM / SIGUSR1): any one stops them all
         # DPO: sums over the step's pairs.
         "rewards_chosen",
         "rewards_rejected",
@@ -453,7 +454,11 @@ def _train_steps(
         if dump is not None:
             dump.flush()  # a step's lines survive a kill (and a resume rewrites the steps after its checkpoint)
         stats.set_peak_memory(rank, peak_memory_bytes(worlds.device))
+        # Whether any trainer was asked to stop rides on the step's one reduction: all of them stop
+        # after the same step, with no second collective and host synchronisation after the update.
+        stats.add(stop_requested=float(local_stop_requested()))
         s = stats.reduced()
+        stop = s["stop_requested"] > 0
         nonfinite = int(s["nonfinite_micro_batches"])
         if nonfinite and policy == "stop":
             raise FloatingPointError(
@@ -475,7 +480,6 @@ def _train_steps(
         evals = {}
         if data.eval_rows and ((step + 1) % spec.logging.eval_every_steps == 0 or last):
             evals = evaluate(engine, data, worlds, pad)  # collective: every trainer takes part
-        stop = preemption_requested(worlds)
         t_checkpoint = time.perf_counter()
         if (step + 1) % spec.checkpoint.every_steps == 0 or last or stop:
             save_checkpoint(engine, spec, step + 1, fingerprint)

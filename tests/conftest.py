@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import yaml
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from poft_ds.launchers import free_port
 from poft_ds.tiny import build_assets
 
 
@@ -45,12 +45,6 @@ def mistral_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTok
     tok = AutoTokenizer.from_pretrained(folder)
     assert len(tok) == 32000
     return tok
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ZeRO-3 configs with `stage3_param_persistence_threshold: 0`: the tiny test models have no tensor

@@ -15,7 +15,9 @@ from tests.conftest import base_spec, read_metrics, write_spec
 
 @pytest.mark.distributed
 def test_bench_job_runs_sft_online_and_store(assets: Path, tmp_path: Path) -> None:
-    spec = write_spec(base_spec(assets, tmp_path / "job"), tmp_path / "job.yaml")
+    job = base_spec(assets, tmp_path / "job")
+    job["topology"]["bind_cores"] = True  # as examples/bench/cpu.yaml: every variant pins its ranks
+    spec = write_spec(job, tmp_path / "job.yaml")
     out = tmp_path / "bench" / "bench.json"
     proc = subprocess.run(
         [
@@ -48,6 +50,15 @@ def test_bench_job_runs_sft_online_and_store(assets: Path, tmp_path: Path) -> No
     assert roles["poft_online"] == ["ref/chatml", "ref/zephyr", "trainer", "trainer"]
     assert roles["poft_store"] == ["trainer", "trainer"]  # a full store: no reference rank starts
     assert runs["sft"]["reference_ranks"] == 0 and runs["sft"]["ref_forward_passes"] is None
+
+    # Each rank ran on the core its local rank names (one thread each, wrapping over the cores this
+    # test may use), in all three variants: the SFT trainers on the cores they have in the PoFT layout.
+    allowed = sorted(os.sched_getaffinity(0))
+    for name in runs:
+        records = [json.loads(f.read_text()) for f in (tmp_path / "bench" / name / "ranks").glob("rank?.json")]
+        assert len(records) == len(runs[name]["peak_memory"])
+        for rec in records:
+            assert rec["cpu_cores"] == [allowed[rec["local_rank"] % len(allowed)]], (name, rec["global_rank"])
 
     # The store run read every score the online run computed: no reference forward pass at all.
     run_dirs = {name: tmp_path / "bench" / name for name in runs}
@@ -82,3 +93,16 @@ def test_readmes_show_the_committed_cpu_benchmark() -> None:
     assert result["repeats"] >= 3 and result["steps"] > result["warmup_steps"]
     for readme in (root / "README.md", root / "examples" / "bench" / "README.md"):
         assert table in readme.read_text(), readme
+
+
+def test_best_of_rounds_takes_each_steps_fastest_time() -> None:
+    """Rounds of one variant run the same steps: each step's fastest time over the rounds, summed."""
+    from poft_ds.bench.job import best_of_rounds
+
+    a = {"measured_step_s": [0.1, 0.2, 0.3], "measured_step_tokens": [10.0, 20.0, 30.0]}
+    b = {"measured_step_s": [0.15, 0.1, 0.35], "measured_step_tokens": [10.0, 20.0, 30.0]}
+    assert best_of_rounds([a, b]) == pytest.approx(60 / (0.1 + 0.1 + 0.3))
+    assert best_of_rounds([a]) == pytest.approx(60 / 0.6)
+    # Rounds that did not train the same steps cannot be compared step by step.
+    assert best_of_rounds([a, b | {"measured_step_tokens": [10.0, 21.0, 30.0]}]) is None
+    assert best_of_rounds([a, b | {"measured_step_s": [0.1, 0.1]}]) is None

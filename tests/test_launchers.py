@@ -273,3 +273,31 @@ def test_role_map_names_the_ranks_a_launch_starts(assets: Path, tmp_path: Path) 
     # A store-only launch starts the trainers alone: a failure message must not name reference ranks.
     store_only = spec.model_copy(update={"reference": spec.reference.model_copy(update={"mode": "store"})})
     assert store_only.world_size == 2 and role_map(store_only) == "global ranks 0-1: trainer"
+
+
+@pytest.mark.parametrize(
+    ("omp", "local_rank", "procs", "share"),
+    [("1", 0, 2, [0]), ("1", 1, 2, [1]), ("1", 2, 2, [0]), ("", 0, 1, [0, 1]), ("", 1, 2, [1]), ("2", 1, 2, [0, 1])],
+)
+def test_bind_cores_gives_each_local_rank_its_share_of_the_allowed_cores(
+    monkeypatch: pytest.MonkeyPatch, omp: str, local_rank: int, procs: int, share: list[int]
+) -> None:
+    """`topology.bind_cores`: local rank r gets cores [r*t, (r+1)*t) of those allowed, wrapping around,
+    t = OMP_NUM_THREADS or cores / procs (written here for 2 allowed cores, as in CI)."""
+    import torch
+
+    from poft_ds.distributed import bind_cpu_cores
+
+    before, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    allowed = sorted(before)[:2]
+    if len(allowed) < 2:
+        pytest.fail("this test needs 2 CPU cores (CI has 2)")
+    monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    try:
+        os.sched_setaffinity(0, allowed)
+        expected = [allowed[i] for i in share]
+        assert bind_cpu_cores(local_rank, procs) == expected
+        assert sorted(os.sched_getaffinity(0)) == expected and torch.get_num_threads() == len(expected)
+    finally:
+        os.sched_setaffinity(0, before)
+        torch.set_num_threads(threads)

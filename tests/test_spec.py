@@ -13,9 +13,10 @@ import pytest
 
 from poft_ds import REPO_ROOT
 from poft_ds.ds_config import trainer_config
+from poft_ds.launchers import free_port
 from poft_ds.spec import SpecError, load_spec
 from poft_ds.stages import is_staged, read_stages, stage_spec
-from tests.conftest import base_spec, free_port, hub_cache, write_spec
+from tests.conftest import base_spec, hub_cache, write_spec
 
 
 def _load(spec: dict, tmp_path: Path):
