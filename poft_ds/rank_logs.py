@@ -3,9 +3,9 @@
 Every rank writes everything it prints, and every warning, to `<run_dir>/logs/rank<N>.log`. The
 console (the launcher's terminal or the Slurm output file) gets global rank 0's output, which is
 trainer rank 0's, plus what any rank writes to stderr (errors and tracebacks), so a failing
-reference rank is still seen. Progress bars (`Progress`) draw only on an interactive console;
-log files and captured consoles get a plain line now and then instead of a stream of carriage
-returns.
+reference rank is still seen. Progress bars (`Progress`, and other libraries' bars) draw only on
+an interactive console; log files and captured consoles get a plain line now and then instead of
+a stream of carriage returns.
 
 Only Python-level output is routed: text that native code (NCCL, gloo) writes straight to the
 file descriptors still goes where the launcher sends it.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import sys
 import time
@@ -28,20 +29,34 @@ from tqdm import tqdm
 class _Tee(io.TextIOBase):
     """A text stream that writes to a log file and, optionally, to the console.
 
-    Writes holding a carriage return are progress-bar redraws: they reach an interactive console
-    only, never the log file or a captured console.
+    Writes holding a carriage return are progress-bar redraws (another library's: tokenizing a
+    large data set draws `datasets`' bar): they reach an interactive console as they are; the log
+    file and a captured console (a Slurm output file) get the bar's state as a plain line at most
+    every `REDRAW_LINE_EVERY_S`, so a long tokenization still shows its progress there.
     """
+
+    REDRAW_LINE_EVERY_S = 60.0
 
     def __init__(self, log: TextIO, console: TextIO | None) -> None:
         self.log, self.console = log, console
         self.console_is_tty = bool(console is not None and console.isatty())
+        self.last_redraw_line = -math.inf
 
     def write(self, text: str) -> int:
-        redraw = "\r" in text
-        if not redraw:
+        if "\r" not in text:
             self.log.write(text)
-        if self.console is not None and (self.console_is_tty or not redraw):
+            if self.console is not None:
+                self.console.write(text)
+            return len(text)
+        if self.console is not None and self.console_is_tty:
             self.console.write(text)
+        line = text.replace("\r", "").strip()
+        now = time.monotonic()
+        if line and now - self.last_redraw_line >= self.REDRAW_LINE_EVERY_S:
+            self.last_redraw_line = now
+            self.log.write(line + "\n")
+            if self.console is not None and not self.console_is_tty:
+                self.console.write(line + "\n")
         return len(text)
 
     def flush(self) -> None:

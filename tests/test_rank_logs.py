@@ -18,15 +18,27 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_redraws_reach_an_interactive_console_only_and_never_the_log() -> None:
+def test_redraws_reach_an_interactive_console_and_elsewhere_a_plain_line_a_minute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("poft_ds.rank_logs.time.monotonic", lambda: clock[0])
     log, tty, captured = io.StringIO(), Terminal(), io.StringIO()
     for console in (tty, captured):
         tee = _Tee(log, console)
-        tee.write("\rtraining  40%|####      | 4/10")
+        tee.write("\rtokenizing  40%|####      | 4/10")
+        clock[0] += 59.0
+        tee.write("\rtokenizing  50%|#####     | 5/10")  # within the minute: redrawn on a terminal only
         tee.write("[poft-ds] step=4 loss=0.5\n")
-    assert tty.getvalue() == "\rtraining  40%|####      | 4/10[poft-ds] step=4 loss=0.5\n"
-    assert captured.getvalue() == "[poft-ds] step=4 loss=0.5\n"
-    assert log.getvalue() == "[poft-ds] step=4 loss=0.5\n" * 2
+        clock[0] += 1.0
+        tee.write("\rtokenizing  60%|######    | 6/10")
+    assert tty.getvalue() == (
+        "\rtokenizing  40%|####      | 4/10\rtokenizing  50%|#####     | 5/10[poft-ds] step=4 loss=0.5\n"
+        "\rtokenizing  60%|######    | 6/10"
+    )
+    plain = "tokenizing  40%|####      | 4/10\n[poft-ds] step=4 loss=0.5\ntokenizing  60%|######    | 6/10\n"
+    assert captured.getvalue() == plain
+    assert log.getvalue() == plain * 2
 
 
 def test_a_rank_without_console_writes_its_log_only() -> None:
